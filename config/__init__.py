@@ -1,0 +1,1 @@
+"""Settings, Redis key names, Celery configuration and logging: importable from every layer."""

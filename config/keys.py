@@ -1,0 +1,41 @@
+"""Every Redis key, exchange, queue and time limit the service uses, in one place."""
+
+from __future__ import annotations
+
+# --- Redis: what may be lost (the DB epoch, not these keys, is what fences) ---
+LOCK_PREFIX = "lock:"
+FAULT_PLANS_KEY = "provisioner:faults"
+
+# A lock outlives a step's longest automatic-retry wait and is renewed by every step and,
+# during a hang, by the hanging step itself; a worker that vanished lets it lapse after this.
+LOCK_TTL_MS = 120_000
+
+# A `hang` fault blocks the step until the plan is cleared or this many seconds pass.
+HANG_LIMIT_S = 600.0
+HANG_POLL_S = 0.25
+
+
+def lock_key(slug: str) -> str:
+    return f"{LOCK_PREFIX}{slug}"
+
+
+# --- kombu: exchanges and queues of the public contract ---
+COMMANDS_EXCHANGE = "tenant.commands"
+EVENTS_EXCHANGE = "tenant.events"
+COMMANDS_QUEUE = "provisioner.commands"
+AUDIT_QUEUE = "provisioner.audit"
+CLOUDEVENTS_CONTENT_TYPE = "application/cloudevents+json"
+EVENT_SOURCE = "urn:provisioner"
+
+# --- Celery ---
+SAGA_QUEUE = "provisioner.saga"
+# Redis redelivers an unacknowledged task after this many seconds; it must exceed the longest
+# countdown (a step's backoff) and the longest step (a hang, HANG_LIMIT_S), or a running step
+# would be handed to a second worker.
+VISIBILITY_TIMEOUT_S = 3600
+
+# --- outbox relay ---
+RELAY_POLL_S = 1.0
+# Rows younger than this are left to the process that wrote them (it publishes right after
+# commit); the relay loop picks up what a crash left behind.
+RELAY_GRACE_S = 3.0

@@ -1,0 +1,1 @@
+"""Adapters and entry points: database, Redis, kombu, providers, handlers, CLI."""

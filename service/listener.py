@@ -1,0 +1,134 @@
+"""The command listener: ``provisioner.commands`` -> handlers, acknowledged after commit.
+
+A message it cannot understand is kept (dead-letter row) and answered with
+``tenant.command.rejected`` (reason ``malformed``) in one transaction, then acknowledged: it is
+never lost and never stops the listener. If the database itself is down, the message is handed
+back to the broker (requeued) instead, so nothing is acknowledged that was not recorded.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from typing import Any
+
+import structlog
+from kombu import Connection, Consumer, Message
+
+from sagas.errors import MalformedCommand
+from sagas.messages import Command, CommandType, parse_command, salvage
+from service.db.models import DeadLetter
+from service.handlers import Handlers, Outcome, Request
+from service.publisher import COMMANDS_QUEUE_DECL, EVENTS
+
+log = structlog.get_logger(__name__)
+
+PREFETCH = 10
+MAX_DEAD_LETTER_BYTES = 1_000_000
+
+
+def dead_letter_of(body: bytes, content_type: str | None, error: str, source: str) -> DeadLetter:
+    body = body[:MAX_DEAD_LETTER_BYTES]
+    try:
+        text, encoding = body.decode("utf-8"), "utf-8"
+        if "\x00" in text:  # PostgreSQL text cannot hold NUL
+            raise UnicodeDecodeError("utf-8", body, 0, 1, "NUL byte")
+    except UnicodeDecodeError:
+        text, encoding = base64.b64encode(body).decode("ascii"), "base64"
+    return DeadLetter(
+        source=source,
+        content_type=(content_type or "")[:200] or None,
+        body=text,
+        body_encoding=encoding,
+        error=error[:2000],
+    )
+
+
+def handle_command(handlers: Handlers, command: Command) -> Outcome:
+    data: Any = command.data
+    request = Request(
+        command_type=command.type,
+        slug=command.slug,
+        requested_by=data.requested_by,
+        command_id=command.id,
+        reason=data.reason,
+    )
+    if command.type is CommandType.PROVISION:
+        return handlers.create(request, plan=data.plan, admin_email=data.admin_email)
+    if command.type is CommandType.RETRY:
+        return handlers.retry(request, force=data.force)
+    if command.type is CommandType.RESET:
+        return handlers.reset(request)
+    return handlers.decommission(request)
+
+
+class CommandListener:
+    def __init__(self, broker_url: str, handlers: Handlers) -> None:
+        self._broker_url = broker_url
+        self._handlers = handlers
+        self.handled = 0
+
+    def on_message(self, message: Message) -> None:
+        body: bytes = (
+            message.body if isinstance(message.body, bytes) else str(message.body).encode()
+        )
+        content_type = message.content_type
+        try:
+            try:
+                command = parse_command(body, content_type)
+            except MalformedCommand as exc:
+                seen = salvage(body)
+                outcome = self._handlers.reject_malformed(
+                    command_id=seen.command_id,
+                    command_type=seen.command_type,
+                    slug=seen.slug,
+                    message=str(exc),
+                    dead_letter=dead_letter_of(body, content_type, str(exc), "listener"),
+                )
+            else:
+                outcome = handle_command(self._handlers, command)
+        except Exception:
+            log.exception("listener.handling_failed")
+            # Not recorded anywhere yet: give it back, and slow down so a DB outage does not spin.
+            message.requeue()
+            time.sleep(1.0)
+            return
+        message.ack()
+        self.handled += 1
+        log.info(
+            "listener.handled",
+            command_type=outcome.command_type,
+            slug=outcome.slug,
+            accepted=outcome.accepted,
+            reason=outcome.reason,
+            duplicate=outcome.duplicate,
+        )
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                with Connection(self._broker_url) as connection:
+                    channel = connection.default_channel
+                    EVENTS.bind(channel).declare()
+                    queue = COMMANDS_QUEUE_DECL.bind(channel)
+                    queue.declare()
+                    with Consumer(
+                        channel,
+                        queues=[queue],
+                        on_message=self.on_message,
+                        prefetch_count=PREFETCH,
+                        accept=None,
+                    ):
+                        log.info("listener.started", queue=queue.name)
+                        while not stop.is_set():
+                            try:
+                                connection.drain_events(timeout=0.5)
+                            except TimeoutError:
+                                continue
+            except Exception as exc:
+                if stop.is_set():
+                    break
+                log.warning("listener.connection_lost", error=str(exc))
+                stop.wait(1.0)
+        log.info("listener.stopped")

@@ -1,0 +1,114 @@
+"""The per-tenant Redis lock: a fast guard in front of the DB epoch, which is what fences.
+
+Token = ``{run_id}:{epoch}:{acquired_at_ms}``, so ``provisioner lock`` can say who holds it,
+for which epoch, and since when.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, cast
+
+from redis import Redis
+
+from config.keys import LOCK_TTL_MS, lock_key
+
+# Extend only our own lock; take it back if it vanished (a Redis restart, an expired TTL) since
+# the DB epoch, checked in the same step's transaction, still decides who may write.
+_EXTEND = """
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+elseif not current then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class LockToken:
+    run_id: str
+    epoch: int
+    acquired_at_ms: int
+
+    def encode(self) -> str:
+        return f"{self.run_id}:{self.epoch}:{self.acquired_at_ms}"
+
+    @classmethod
+    def decode(cls, raw: str) -> LockToken | None:
+        parts = raw.split(":")
+        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+            return None
+        return cls(parts[0], int(parts[1]), int(parts[2]))
+
+    @classmethod
+    def new(cls, run_id: str, epoch: int) -> LockToken:
+        return cls(run_id, epoch, int(time.time() * 1000))
+
+
+@dataclass(frozen=True, slots=True)
+class LockInfo:
+    slug: str
+    held: bool
+    token: str | None
+    run_id: str | None
+    epoch: int | None
+    age_s: float | None
+    ttl_s: float | None
+
+
+class TenantLocks:
+    def __init__(self, redis: Redis, ttl_ms: int = LOCK_TTL_MS) -> None:
+        self._redis = redis
+        self._ttl_ms = ttl_ms
+        self._extend = redis.register_script(_EXTEND)
+        self._release = redis.register_script(_RELEASE)
+
+    def acquire(self, slug: str, token: LockToken) -> bool:
+        return bool(self._redis.set(lock_key(slug), token.encode(), nx=True, px=self._ttl_ms))
+
+    def extend(self, slug: str, token: LockToken) -> bool:
+        """Renew our lock (or retake it if it vanished); False if someone else holds it."""
+        result = self._extend(keys=[lock_key(slug)], args=[token.encode(), self._ttl_ms])
+        return int(cast(Any, result)) != 0
+
+    def release(self, slug: str, token: LockToken) -> bool:
+        result = self._release(keys=[lock_key(slug)], args=[token.encode()])
+        return int(cast(Any, result)) == 1
+
+    def force_release(self, slug: str) -> bool:
+        return int(cast(Any, self._redis.delete(lock_key(slug)))) == 1
+
+    def is_held(self, slug: str) -> bool:
+        return int(cast(Any, self._redis.exists(lock_key(slug)))) == 1
+
+    def info(self, slug: str) -> LockInfo:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.get(lock_key(slug))
+        pipe.pttl(lock_key(slug))
+        raw, pttl = pipe.execute()
+        if raw is None:
+            return LockInfo(slug, False, None, None, None, None, None)
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        token = LockToken.decode(text)
+        age = (time.time() * 1000 - token.acquired_at_ms) / 1000 if token else None
+        return LockInfo(
+            slug=slug,
+            held=True,
+            token=text,
+            run_id=token.run_id if token else None,
+            epoch=token.epoch if token else None,
+            age_s=round(age, 3) if age is not None else None,
+            ttl_s=round(pttl / 1000, 3) if pttl and pttl > 0 else None,
+        )

@@ -1,0 +1,97 @@
+"""The outbox relay: publish committed events, then mark them sent.
+
+Publish-then-mark means a crash in between publishes an event twice, never zero times; the
+audit store and careful consumers dedup on the CloudEvent id.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from sqlalchemy import Engine, update
+from sqlmodel import Session, col, select
+
+from config.keys import RELAY_GRACE_S, RELAY_POLL_S
+from service.db.engine import unit_of_work
+from service.db.models import OutboxEvent
+from service.publisher import Publisher
+
+log = structlog.get_logger(__name__)
+
+BATCH = 500
+
+
+class OutboxRelay:
+    def __init__(self, engine: Engine, publisher: Publisher) -> None:
+        self._engine = engine
+        self._publisher = publisher
+
+    def publish_now(self, rows: Sequence[OutboxEvent]) -> None:
+        """Right after the commit that wrote ``rows``: publish them, in order, and mark them.
+
+        A failure is logged, not raised: the rows stay unpublished and the relay loop sends
+        them once the broker is back.
+        """
+        if not rows:
+            return
+        try:
+            self._publisher.publish_events((row.type, row.body) for row in rows)
+        except Exception as exc:
+            log.warning("outbox.publish_deferred", error=str(exc), events=len(rows))
+            return
+        self._mark([row.id for row in rows if row.id is not None])
+
+    def drain(self, *, grace_s: float = RELAY_GRACE_S) -> int:
+        """Publish every unpublished row older than ``grace_s``; return how many."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=grace_s)
+        total = 0
+        while True:
+            with Session(self._engine) as session:
+                rows = session.exec(
+                    select(OutboxEvent)
+                    .where(col(OutboxEvent.published_at).is_(None))
+                    .where(col(OutboxEvent.created_at) <= cutoff)
+                    .order_by(col(OutboxEvent.id))
+                    .limit(BATCH)
+                ).all()
+            if not rows:
+                return total
+            self._publisher.publish_events((row.type, row.body) for row in rows)
+            self._mark([row.id for row in rows if row.id is not None])
+            total += len(rows)
+            if len(rows) < BATCH:
+                return total
+
+    def backlog(self) -> int:
+        with Session(self._engine) as session:
+            rows = session.exec(
+                select(OutboxEvent.id).where(col(OutboxEvent.published_at).is_(None))
+            ).all()
+            return len(rows)
+
+    def run(self, stop: threading.Event, *, poll_s: float = RELAY_POLL_S) -> None:
+        log.info("relay.started")
+        while not stop.is_set():
+            try:
+                sent = self.drain()
+                if sent:
+                    log.info("relay.published", events=sent)
+            except Exception as exc:
+                log.warning("relay.error", error=str(exc))
+                time.sleep(poll_s)
+            stop.wait(poll_s)
+        log.info("relay.stopped")
+
+    def _mark(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        with unit_of_work(self._engine) as session:
+            session.execute(
+                update(OutboxEvent)
+                .where(col(OutboxEvent.id).in_(ids))
+                .values(published_at=datetime.now(UTC))
+            )

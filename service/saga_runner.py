@@ -1,0 +1,358 @@
+"""What one step task does, minus Celery: fence, fault plan, provider, one transaction.
+
+Each public method returns or raises in terms the thin task adapters map onto Celery:
+``AttemptFenced`` -> stop the chain quietly; ``StepFailedForGood`` -> let ``link_error``
+fail the attempt; a ``RetryLater`` result -> ``self.retry(countdown=...)``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from config.settings import Settings
+from sagas import rules
+from sagas.errors import AttemptFenced, StepError, StepFailedForGood, TransientUpstreamError
+from sagas.messages import EventType
+from sagas.states import AttemptState, StepStatus, TenantState
+from sagas.steps import STEPS
+from service import repository as repo
+from service.db.engine import unit_of_work
+from service.db.models import Attempt, StepRun, Tenant
+from service.dispatch import AttemptRef
+from service.faults import FaultPlans
+from service.locks import LockToken, TenantLocks
+from service.outbox import PendingEvents
+from service.providers.base import Provider, StepContext
+from service.relay import OutboxRelay
+
+log = structlog.get_logger(__name__)
+
+FINAL_STEP = STEPS[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class StepDone:
+    output: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryLater:
+    countdown: float
+
+
+def backoff_delay(
+    base_s: float, failed_try: int, rand: Callable[[], float] = random.random
+) -> float:
+    """``base * 2**(try-1)``, jittered by +-20 % so that a burst of failures spreads out."""
+    delay: float = base_s * 2.0 ** (failed_try - 1) * (0.8 + 0.4 * rand())
+    return round(delay, 3)
+
+
+def attempt_event_data(tenant: Tenant, attempt: Attempt, **extra: object) -> dict[str, object]:
+    return {
+        "tenant_id": tenant.id,
+        "slug": tenant.slug,
+        "state": tenant.state,
+        "attempt_number": attempt.number,
+        **extra,
+    }
+
+
+def token_of(raw: str | None) -> LockToken | None:
+    return LockToken.decode(raw) if raw else None
+
+
+class SagaRunner:
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        settings: Settings,
+        providers: dict[str, Provider],
+        locks: TenantLocks,
+        faults: FaultPlans,
+        relay: OutboxRelay,
+    ) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._providers = providers
+        self._locks = locks
+        self._faults = faults
+        self._relay = relay
+
+    # --- the step ---
+    def run_step(self, ref: AttemptRef, step: str) -> StepDone | RetryLater:
+        events = PendingEvents()
+        with unit_of_work(self._engine) as session:
+            tenant, attempt = self._fenced(session, ref)
+            run = repo.step_run(session, attempt.id, step)
+            if run is not None and run.status == StepStatus.COMPLETED:
+                # A redelivered step that already finished: let the chain go on.
+                return StepDone(dict(run.output))
+            if run is not None and run.status == StepStatus.FAILED:
+                # Redelivered after it failed for good but before the errback ran: fail again.
+                raise StepFailedForGood(
+                    step, run.error_type or "Error", run.error_message or "", run.tries
+                )
+            if run is None:
+                run = StepRun(
+                    attempt_id=attempt.id,
+                    tenant_id=tenant.id,
+                    step=step,
+                    status=StepStatus.RUNNING,
+                    tries=1,
+                )
+                session.add(run)
+                events.add(
+                    session,
+                    EventType.STEP_STARTED,
+                    tenant.slug,
+                    attempt_event_data(tenant, attempt, step=step),
+                )
+            else:
+                run.tries += 1
+                session.add(run)
+            ctx = self._context(session, tenant, attempt)
+            token = token_of(attempt.lock_token)
+            tries = run.tries
+        self._relay.publish_now(events.rows)
+        started = time.monotonic()
+
+        def keep_lock() -> None:
+            if token is not None and not self._locks.extend(ref.slug, token):
+                log.warning("lock.held_by_other", slug=ref.slug, attempt=ref.attempt_number)
+
+        keep_lock()
+        try:
+            self._faults.apply(step, ref.slug, while_hanging=keep_lock)
+            self._check_fence(ref)  # a hang may have outlived a reset: make nothing after it
+            output = self._providers[step].run(ctx)
+        except AttemptFenced:
+            raise
+        except StepError as exc:
+            return self._step_failed(ref, step, tries, exc)
+        except Exception as exc:
+            # An unexpected error in a provider is treated as transient: retried, then failed.
+            log.exception("step.unexpected_error", step=step, slug=ref.slug)
+            wrapped = TransientUpstreamError(f"{type(exc).__name__}: {exc}")
+            return self._step_failed(ref, step, tries, wrapped, error_type=type(exc).__name__)
+        return self._step_completed(ref, step, output, time.monotonic() - started)
+
+    def _step_completed(
+        self, ref: AttemptRef, step: str, output: dict[str, object], elapsed_s: float
+    ) -> StepDone:
+        events = PendingEvents()
+        with unit_of_work(self._engine) as session:
+            tenant, attempt = self._fenced(session, ref)
+            run = repo.step_run(session, attempt.id, step)
+            assert run is not None
+            now = datetime.now(UTC)
+            run.status = StepStatus.COMPLETED
+            run.output = dict(output)
+            run.ended_at = now
+            run.duration_ms = int(elapsed_s * 1000)
+            session.add(run)
+            if step == FINAL_STEP:
+                tenant.state = TenantState.ACTIVE
+                tenant.failure_reason = None
+                tenant.updated_at = now
+                attempt.state = AttemptState.SUCCEEDED
+                attempt.ended_at = now
+                session.add(tenant)
+                session.add(attempt)
+            events.add(
+                session,
+                EventType.STEP_COMPLETED,
+                tenant.slug,
+                attempt_event_data(
+                    tenant, attempt, step=step, duration_ms=run.duration_ms, output=dict(output)
+                ),
+            )
+            if step == FINAL_STEP:
+                started = attempt.started_at.replace(tzinfo=attempt.started_at.tzinfo or UTC)
+                events.add(
+                    session,
+                    EventType.COMPLETED,
+                    tenant.slug,
+                    attempt_event_data(
+                        tenant,
+                        attempt,
+                        admin_console_url=self._settings.console_url_for(tenant.slug),
+                        duration_ms=int((now - started).total_seconds() * 1000),
+                    ),
+                )
+            token = token_of(attempt.lock_token)
+        self._relay.publish_now(events.rows)
+        if step == FINAL_STEP and token is not None:
+            self._locks.release(ref.slug, token)
+        return StepDone(dict(output))
+
+    def _step_failed(
+        self, ref: AttemptRef, step: str, tries: int, exc: StepError, error_type: str | None = None
+    ) -> RetryLater:
+        error_type = error_type or exc.error_type
+        message = str(exc)[:2000]
+        will_retry = exc.retryable and tries < self._settings.step_tries
+        events = PendingEvents()
+        countdown = backoff_delay(self._settings.step_backoff_s, tries)
+        with unit_of_work(self._engine) as session:
+            tenant, attempt = self._fenced(session, ref)
+            run = repo.step_run(session, attempt.id, step)
+            assert run is not None
+            run.error_type = error_type
+            run.error_message = message
+            if will_retry:
+                events.add(
+                    session,
+                    EventType.STEP_RETRYING,
+                    tenant.slug,
+                    attempt_event_data(
+                        tenant,
+                        attempt,
+                        step=step,
+                        error=f"{error_type}: {message}",
+                        retry_in_s=countdown,
+                        **{"try": tries},
+                    ),
+                )
+            else:
+                run.status = StepStatus.FAILED
+                run.retryable = exc.retryable
+                run.ended_at = datetime.now(UTC)
+            session.add(run)
+        self._relay.publish_now(events.rows)
+        if not will_retry:
+            raise StepFailedForGood(step, error_type, message, tries)
+        log.info(
+            "step.retrying",
+            step=step,
+            slug=ref.slug,
+            attempt=ref.attempt_number,
+            failed_try=tries,
+            retry_in_s=countdown,
+        )
+        return RetryLater(countdown)
+
+    # --- the end of a failed attempt (link_error) ---
+    def fail_attempt(self, ref: AttemptRef, step: str | None, exc: BaseException) -> bool:
+        """Fail the attempt once: a second call, or a call for a fenced attempt, does nothing."""
+        events = PendingEvents()
+        with unit_of_work(self._engine) as session:
+            try:
+                tenant, attempt = self._fenced(session, ref)
+            except AttemptFenced:
+                return False
+            run = repo.step_run(session, attempt.id, step) if step else None
+            failed = run if run is not None and run.status == StepStatus.FAILED else None
+            if failed is not None:
+                failed_step, error_type = failed.step, failed.error_type or "Error"
+                message, tries = failed.error_message or "", failed.tries
+                retryable = bool(failed.retryable)
+            else:
+                # Our own code failed (not a provider): record what the exception says.
+                failed_step = step or "unknown"
+                error_type = getattr(exc, "error_type", None) or type(exc).__name__
+                message, tries = str(exc)[:2000], run.tries if run else 1
+                retryable = bool(getattr(exc, "retryable", True))
+                if run is not None:
+                    run.status = StepStatus.FAILED
+                    run.error_type, run.error_message = error_type, message
+                    run.retryable = retryable
+                    session.add(run)
+            previous = None
+            if attempt.number > 1:
+                previous = next(
+                    (
+                        a
+                        for a in repo.attempts_of(session, tenant.id)
+                        if a.number == attempt.number - 1
+                    ),
+                    None,
+                )
+            repeated = rules.is_repeated_failure(
+                repo.failure_of(previous), rules.FailureFacts(failed_step, error_type)
+            )
+            now = datetime.now(UTC)
+            attempt.state = AttemptState.FAILED
+            attempt.ended_at = now
+            attempt.failed_step, attempt.error_type = failed_step, error_type
+            attempt.error_message, attempt.tries = message, tries
+            attempt.retryable, attempt.repeated_failure = retryable, repeated
+            tenant.state = TenantState.FAILED
+            tenant.failure_reason = "step_failed"
+            tenant.updated_at = now
+            session.add(attempt)
+            session.add(tenant)
+            events.add(
+                session,
+                EventType.FAILED,
+                tenant.slug,
+                attempt_event_data(
+                    tenant,
+                    attempt,
+                    failed_activity=failed_step,
+                    details={"error_type": error_type, "message": message, "tries": tries},
+                    retryable=retryable,
+                    repeated_failure=repeated,
+                    retries_left=rules.retries_left(attempt.number, self._settings.max_retries),
+                ),
+            )
+            token = token_of(attempt.lock_token)
+        self._relay.publish_now(events.rows)
+        if token is not None:
+            self._locks.release(ref.slug, token)
+        log.info(
+            "attempt.failed",
+            slug=ref.slug,
+            attempt=ref.attempt_number,
+            step=failed_step,
+            error_type=error_type,
+            repeated_failure=repeated,
+        )
+        return True
+
+    def release_if_fenced(self, ref: AttemptRef) -> None:
+        """A fenced attempt gives back its lock, if it still holds it (never anyone else's)."""
+        with Session(self._engine) as session:
+            attempt = session.get(Attempt, ref.attempt_id)
+            token = token_of(attempt.lock_token) if attempt else None
+        if token is not None:
+            self._locks.release(ref.slug, token)
+
+    # --- helpers ---
+    def _fenced(self, session: Session, ref: AttemptRef) -> tuple[Tenant, Attempt]:
+        """Load attempt and tenant, holding the tenant's row; raise if the attempt is fenced."""
+        attempt = session.get(Attempt, ref.attempt_id)
+        if attempt is None:
+            raise AttemptFenced(f"attempt {ref.attempt_id} does not exist")
+        tenant = repo.lock_tenant(session, attempt.tenant_id)
+        if attempt.epoch != tenant.epoch or attempt.state != AttemptState.RUNNING:
+            raise AttemptFenced(
+                f"attempt {attempt.number} of {tenant.slug} is fenced (attempt epoch "
+                f"{attempt.epoch}, tenant epoch {tenant.epoch}, attempt {attempt.state})"
+            )
+        return tenant, attempt
+
+    def _check_fence(self, ref: AttemptRef) -> None:
+        with unit_of_work(self._engine) as session:
+            self._fenced(session, ref)
+
+    def _context(self, session: Session, tenant: Tenant, attempt: Attempt) -> StepContext:
+        return StepContext(
+            tenant_id=tenant.id,
+            slug=tenant.slug,
+            plan=tenant.plan,
+            admin_email=tenant.admin_email,
+            attempt_number=attempt.number,
+            data_dir=self._settings.data_dir,
+            console_url=self._settings.console_url_for(tenant.slug),
+            outputs=repo.latest_outputs(session, tenant.id),
+        )

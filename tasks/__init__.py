@@ -1,0 +1,1 @@
+"""Celery: the app and the thin task adapters over service/."""

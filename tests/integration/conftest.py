@@ -1,0 +1,48 @@
+"""Real Redis, a real Celery worker (subprocess), a real database and a real event subscriber."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from config.settings import get_settings
+from service.bootstrap import Container, build_container
+from tests.support.events import EventTap
+from tests.support.processes import ServiceProcess, start_worker
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Path:
+    import os
+
+    return Path(os.environ["TEST_WORKDIR"])
+
+
+@pytest.fixture(scope="session")
+def services(workdir: Path) -> Container:
+    """The in-process adapters and handlers, as the CLI uses them (migrations applied)."""
+    return build_container(get_settings())
+
+
+@pytest.fixture(scope="session")
+def tap(services: Container) -> Iterator[EventTap]:
+    validators = []
+    try:
+        from tests.support.asyncapi import validate_event
+    except ImportError:  # the AsyncAPI checks arrive with the contract tests
+        pass
+    else:
+        validators.append(validate_event)
+    event_tap = EventTap(services.settings.broker_url, validators).start()
+    yield event_tap
+    event_tap.stop()
+    assert not event_tap.invalid, f"invalid events on tenant.events: {event_tap.invalid[:3]}"
+
+
+@pytest.fixture(scope="session")
+def worker(services: Container, workdir: Path) -> Iterator[ServiceProcess]:
+    process = start_worker(workdir, concurrency=3)
+    yield process
+    process.stop()

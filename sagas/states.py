@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Final
+from typing import Final, Protocol
 
 from sagas.errors import InvalidTransition
 
@@ -49,3 +49,14 @@ def transition(current: TenantState, target: TenantState) -> TenantState:
     if not can_transition(current, target):
         raise InvalidTransition(f"a tenant cannot go from {current} to {target}")
     return target
+
+
+class HasState(Protocol):
+    state: str
+
+
+def move(tenant: HasState, target: TenantState) -> TenantState:
+    """The tenant's next state, checked against the contract's state machine; staying put
+    (a decommission resumed while decommissioning) is allowed."""
+    current = TenantState(tenant.state)
+    return current if current is target else transition(current, target)

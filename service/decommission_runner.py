@@ -11,7 +11,7 @@ from sqlmodel import Session
 from config.settings import Settings
 from sagas.errors import AttemptFenced, StepError, StepFailedForGood, TransientUpstreamError
 from sagas.messages import EventType
-from sagas.states import AttemptState, StepStatus, TenantState
+from sagas.states import AttemptState, StepStatus, TenantState, move
 from service import repository as repo
 from service.db.engine import unit_of_work
 from service.db.models import Compensation, Decommission, Tenant
@@ -128,7 +128,7 @@ class DecommissionRunner:
         with unit_of_work(self._engine) as session:
             tenant, run = self._fenced(session, ref)
             now = datetime.now(UTC)
-            tenant.state = TenantState.DECOMMISSIONED
+            tenant.state = move(tenant, TenantState.DECOMMISSIONED)
             tenant.live_slug = None  # the slug is free for a new tenant
             tenant.updated_at = now
             run.state = AttemptState.SUCCEEDED

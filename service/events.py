@@ -17,21 +17,27 @@ _FORMAT = JSONFormat()
 
 
 def build_event(
-    event_type: EventType, subject: str, data: dict[str, Any], *, time: datetime | None = None
+    event_type: EventType,
+    subject: str | None,
+    data: dict[str, Any],
+    *,
+    time: datetime | None = None,
 ) -> tuple[str, str]:
-    """Return ``(event_id, body)``; the body is the structured-mode JSON of a valid CloudEvent."""
+    """Return ``(event_id, body)``; the body is the structured-mode JSON of a valid CloudEvent.
+
+    ``subject`` is the tenant slug; a rejection of a command that named no slug has none (the
+    CloudEvents spec forbids an empty subject, so it is left out)."""
     event_id = str(uuid.uuid4())
-    event = CloudEvent(
-        {
-            "id": event_id,
-            "source": EVENT_SOURCE,
-            "type": event_type.value,
-            "time": time or datetime.now(UTC),
-            "subject": subject,
-            "datacontenttype": "application/json",
-        },
-        data,
-    )
+    attributes: dict[str, Any] = {
+        "id": event_id,
+        "source": EVENT_SOURCE,
+        "type": event_type.value,
+        "time": time or datetime.now(UTC),
+        "datacontenttype": "application/json",
+    }
+    if subject:
+        attributes["subject"] = subject
+    event = CloudEvent(attributes, data)
     return event_id, _FORMAT.write(event).decode("utf-8")
 
 

@@ -19,7 +19,7 @@ from sagas.errors import CommandRejected
 from sagas.messages import CommandType, EventType
 from sagas.planning import Made, ResumePlan, resume_point
 from sagas.rules import Reason
-from sagas.states import AttemptState, StepStatus, TenantState
+from sagas.states import AttemptState, StepStatus, TenantState, move
 from sagas.steps import STEPS, compensation_order, steps_from
 from service import repository as repo
 from service.db.engine import unit_of_work
@@ -207,7 +207,7 @@ class Handlers:
                 session.add(self._processed(request, "accepted"))
                 number = facts.attempts + 1
                 current.epoch += 1
-                current.state = TenantState.PROVISIONING
+                current.state = move(current, TenantState.PROVISIONING)
                 current.failure_reason = None
                 current.updated_at = datetime.now(UTC)
                 attempt = Attempt(
@@ -307,7 +307,7 @@ class Handlers:
                     running.state = AttemptState.RESET
                     running.ended_at = datetime.now(UTC)
                     session.add(running)
-                    current.state = TenantState.FAILED
+                    current.state = move(current, TenantState.FAILED)
                     current.failure_reason = "reset"
                 if (
                     current.state in (TenantState.PROVISIONING, TenantState.DECOMMISSIONING)
@@ -388,7 +388,7 @@ class Handlers:
                 done = repo.compensated_steps(session, current.id)
                 steps = [s for s in compensation_order(set(made)) if s not in done]
                 current.epoch += 1
-                current.state = TenantState.DECOMMISSIONING
+                current.state = move(current, TenantState.DECOMMISSIONING)
                 current.updated_at = datetime.now(UTC)
                 session.add(current)
                 session.add(
@@ -554,7 +554,7 @@ class Handlers:
                 events.add(
                     session,
                     EventType.COMMAND_REJECTED,
-                    request.slug[:200],
+                    request.slug[:200] or None,
                     {
                         "tenant_id": tenant.id if tenant else None,
                         "slug": request.slug[:200],

@@ -9,6 +9,7 @@ back to the broker (requeued) instead, so nothing is acknowledged that was not r
 from __future__ import annotations
 
 import base64
+import hashlib
 import threading
 import time
 from typing import Any
@@ -25,6 +26,7 @@ from service.publisher import COMMANDS_QUEUE_DECL, EVENTS
 log = structlog.get_logger(__name__)
 
 PREFETCH = 10
+MAX_HANDLING_FAILURES = 5
 MAX_DEAD_LETTER_BYTES = 1_000_000
 
 
@@ -67,6 +69,7 @@ class CommandListener:
     def __init__(self, broker_url: str, handlers: Handlers) -> None:
         self._broker_url = broker_url
         self._handlers = handlers
+        self._failures: dict[str, int] = {}
         self.handled = 0
 
     def on_message(self, message: Message) -> None:
@@ -88,14 +91,19 @@ class CommandListener:
                 )
             else:
                 outcome = handle_command(self._handlers, command)
-        except Exception:
+        except Exception as exc:
             log.exception("listener.handling_failed")
-            # Not recorded anywhere yet: give it back, and slow down so a DB outage does not spin.
-            message.requeue()
-            time.sleep(1.0)
-            return
+            if not self._give_up_on(body, content_type, exc):
+                # Not recorded anywhere yet: give it back, and slow down so that a database
+                # outage does not spin.
+                message.requeue()
+                time.sleep(1.0)
+                return
+            outcome = None
         message.ack()
         self.handled += 1
+        if outcome is None:
+            return
         log.info(
             "listener.handled",
             command_type=outcome.command_type,
@@ -104,6 +112,29 @@ class CommandListener:
             reason=outcome.reason,
             duplicate=outcome.duplicate,
         )
+
+    def _give_up_on(self, body: bytes, content_type: str | None, exc: Exception) -> bool:
+        """After ``MAX_HANDLING_FAILURES`` failures of one message (a poison message, not an
+        outage), keep it as a dead letter and answer it, so it cannot block the queue."""
+        digest = hashlib.sha256(body).hexdigest()
+        self._failures[digest] = self._failures.get(digest, 0) + 1
+        if self._failures[digest] < MAX_HANDLING_FAILURES:
+            return False
+        error = f"could not be handled after {MAX_HANDLING_FAILURES} tries: {exc}"[:1000]
+        seen = salvage(body)
+        try:
+            self._handlers.reject_malformed(
+                command_id=None,
+                command_type=seen.command_type,
+                slug=seen.slug,
+                message=error,
+                dead_letter=dead_letter_of(body, content_type, error, "listener"),
+            )
+        except Exception:
+            log.exception("listener.dead_letter_failed")
+            return False
+        del self._failures[digest]
+        return True
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():

@@ -18,10 +18,12 @@ class PendingEvents:
         self.rows: list[OutboxEvent] = []
 
     def add(
-        self, session: Session, event_type: EventType, subject: str, data: dict[str, Any]
+        self, session: Session, event_type: EventType, subject: str | None, data: dict[str, Any]
     ) -> OutboxEvent:
         event_id, body = build_event(event_type, subject, data)
-        row = OutboxEvent(event_id=event_id, type=event_type.value, subject=subject, body=body)
+        row = OutboxEvent(
+            event_id=event_id, type=event_type.value, subject=subject or None, body=body
+        )
         session.add(row)
         self.rows.append(row)
         return row

@@ -21,7 +21,7 @@ from config.settings import Settings
 from sagas import rules
 from sagas.errors import AttemptFenced, StepError, StepFailedForGood, TransientUpstreamError
 from sagas.messages import EventType
-from sagas.states import AttemptState, StepStatus, TenantState
+from sagas.states import AttemptState, StepStatus, TenantState, move
 from sagas.steps import STEPS
 from service import repository as repo
 from service.db.engine import unit_of_work
@@ -161,7 +161,7 @@ class SagaRunner:
             run.duration_ms = int(elapsed_s * 1000)
             session.add(run)
             if step == FINAL_STEP:
-                tenant.state = TenantState.ACTIVE
+                tenant.state = move(tenant, TenantState.ACTIVE)
                 tenant.failure_reason = None
                 tenant.updated_at = now
                 attempt.state = AttemptState.SUCCEEDED
@@ -286,7 +286,7 @@ class SagaRunner:
             attempt.failed_step, attempt.error_type = failed_step, error_type
             attempt.error_message, attempt.tries = message, tries
             attempt.retryable, attempt.repeated_failure = retryable, repeated
-            tenant.state = TenantState.FAILED
+            tenant.state = move(tenant, TenantState.FAILED)
             tenant.failure_reason = "step_failed"
             tenant.updated_at = now
             session.add(attempt)

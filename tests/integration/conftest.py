@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,7 +29,7 @@ def services(workdir: Path) -> Container:
 
 @pytest.fixture(scope="session")
 def tap(services: Container) -> Iterator[EventTap]:
-    validators = []
+    validators: list[Callable[[dict[str, Any]], None]] = []
     try:
         from tests.support.asyncapi import validate_event
     except ImportError:  # the AsyncAPI checks arrive with the contract tests

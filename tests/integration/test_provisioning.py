@@ -54,11 +54,16 @@ def test_happy_path_runs_eight_steps_in_order(
     for step in STEPS:
         started_at = types.index("tenant.provisioning.step_started")
         assert started_at >= 0
-        i_started = next(i for i, e in enumerate(events)
-                         if e["type"] == "tenant.provisioning.step_started"
-                         and e["data"]["step"] == step)
-        i_done = next(i for i, e in enumerate(events)
-                      if e["type"] == STEP_COMPLETED and e["data"]["step"] == step)
+        i_started = next(
+            i
+            for i, e in enumerate(events)
+            if e["type"] == "tenant.provisioning.step_started" and e["data"]["step"] == step
+        )
+        i_done = next(
+            i
+            for i, e in enumerate(events)
+            if e["type"] == STEP_COMPLETED and e["data"]["step"] == step
+        )
         assert i_started < i_done
     done = data_of(events, "tenant.provisioning.completed")[0]
     assert done["admin_console_url"] == f"http://127.0.0.1:8080/console/{slug}"
@@ -91,15 +96,20 @@ def test_transient_fault_for_two_tries_retries_then_succeeds(
 
     retrying = data_of(events, "tenant.provisioning.step_retrying")
     assert [(d["step"], d["try"]) for d in retrying] == [
-        ("register_workflows", 1), ("register_workflows", 2)]
+        ("register_workflows", 1),
+        ("register_workflows", 2),
+    ]
     assert all(d["retry_in_s"] > 0 and "TransientUpstreamError" in d["error"] for d in retrying)
     # the chain went on after the retried link: every later step ran, once
     assert [d["step"] for d in data_of(events, STEP_COMPLETED)] == list(STEPS)
     assert events[-1]["type"] == "tenant.provisioning.completed"
     with Session(services.engine) as session:
-        run = session.exec(select(StepRun).where(
-            StepRun.tenant_id == tenant_row(services, slug).id,
-            StepRun.step == "register_workflows")).one()
+        run = session.exec(
+            select(StepRun).where(
+                StepRun.tenant_id == tenant_row(services, slug).id,
+                StepRun.step == "register_workflows",
+            )
+        ).one()
         assert run.tries == 3
 
 
@@ -129,7 +139,9 @@ def test_permanent_error_fails_the_attempt_once(
     assert "injected fault" in data["details"]["message"]
     assert len(data_of(tap.of(slug), "tenant.provisioning.step_retrying")) == 2
     # nothing after the failed step ran
-    assert "configure_admin_console" not in [d["step"] for d in data_of(tap.of(slug), STEP_COMPLETED)]
+    assert "configure_admin_console" not in [
+        d["step"] for d in data_of(tap.of(slug), STEP_COMPLETED)
+    ]
     tenant = tenant_row(services, slug)
     assert tenant.state == "failed"
     assert not services.locks.is_held(slug)
@@ -156,14 +168,21 @@ def test_fatal_fault_is_not_retryable(
     assert data_of(events, "tenant.provisioning.step_retrying") == []
 
 
-@pytest.mark.parametrize(("slug", "plan"), [
-    ("Bad_Slug", "pro"),
-    ("../../etc/passwd", "pro"),
-    ("x'; DROP TABLE tenants;--", "pro"),
-    ("valid-slug-{}", "platinum"),
-])
+@pytest.mark.parametrize(
+    ("slug", "plan"),
+    [
+        ("Bad_Slug", "pro"),
+        ("../../etc/passwd", "pro"),
+        ("x'; DROP TABLE tenants;--", "pro"),
+        ("valid-slug-{}", "platinum"),
+    ],
+)
 def test_validation_failure_is_not_retryable(
-    services: Container, worker: ServiceProcess, tap: EventTap, slug: str, plan: str,
+    services: Container,
+    worker: ServiceProcess,
+    tap: EventTap,
+    slug: str,
+    plan: str,
 ) -> None:
     slug = slug.format(new_slug("v"))
     create(services, slug, plan=plan)
@@ -232,7 +251,8 @@ def test_every_outbox_row_is_published_and_seen(
     events = tap.wait_for(settled, slug)
 
     with Session(services.engine) as session:
-        rows = session.exec(select(OutboxEvent).where(OutboxEvent.subject == slug)
-                            .order_by(col(OutboxEvent.id))).all()
+        rows = session.exec(
+            select(OutboxEvent).where(OutboxEvent.subject == slug).order_by(col(OutboxEvent.id))
+        ).all()
     assert [r.event_id for r in rows] == [e["id"] for e in events]
     assert all(r.published_at is not None for r in rows)

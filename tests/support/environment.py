@@ -28,10 +28,10 @@ def claim_redis_db() -> int:
         if admin.set(CLAIM_KEY.format(number), owner, nx=True, ex=CLAIM_TTL_S):
             redis.Redis.from_url(f"{REDIS_HOST_URL}/{number}").flushdb()
 
-            def release() -> None:
+            def release(key: str = CLAIM_KEY.format(number)) -> None:
                 try:
-                    if admin.get(CLAIM_KEY.format(number)) == owner.encode():
-                        admin.delete(CLAIM_KEY.format(number))
+                    if admin.get(key) == owner.encode():
+                        admin.delete(key)
                 except redis.RedisError:
                     pass
 

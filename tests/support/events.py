@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
@@ -29,8 +28,13 @@ class EventTap:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
-        self._queue = Queue(f"tests.tap.{uuid.uuid4().hex[:8]}", exchange=EVENTS,
-                            routing_key="#", auto_delete=True, durable=False)
+        self._queue = Queue(
+            f"tests.tap.{uuid.uuid4().hex[:8]}",
+            exchange=EVENTS,
+            routing_key="#",
+            auto_delete=True,
+            durable=False,
+        )
         self._thread = threading.Thread(target=self._run, name="event-tap", daemon=True)
 
     def start(self) -> EventTap:
@@ -81,8 +85,9 @@ class EventTap:
     def types(self, slug: str) -> list[str]:
         return [e["type"] for e in self.of(slug)]
 
-    def wait_for(self, predicate: Callable[[list[Event]], bool], slug: str,
-                 timeout: float = 30.0) -> list[Event]:
+    def wait_for(
+        self, predicate: Callable[[list[Event]], bool], slug: str, timeout: float = 30.0
+    ) -> list[Event]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             events = self.of(slug)
@@ -93,16 +98,18 @@ class EventTap:
             f"timed out after {timeout}s waiting on events of {slug}; saw {self.types(slug)}"
         )
 
-    def wait_for_type(self, slug: str, event_type: str, count: int = 1,
-                      timeout: float = 30.0) -> list[Event]:
+    def wait_for_type(
+        self, slug: str, event_type: str, count: int = 1, timeout: float = 30.0
+    ) -> list[Event]:
         return self.wait_for(
             lambda events: sum(e["type"] == event_type for e in events) >= count, slug, timeout
         )
 
 
 def settled(events: list[Event]) -> bool:
-    return any(e["type"] in ("tenant.provisioning.completed", "tenant.provisioning.failed")
-               for e in events)
+    return any(
+        e["type"] in ("tenant.provisioning.completed", "tenant.provisioning.failed") for e in events
+    )
 
 
 def data_of(events: list[Event], event_type: str) -> list[dict[str, Any]]:

@@ -24,8 +24,11 @@ class ServiceProcess:
     def start(self) -> ServiceProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [PYTHON, "-m", "service", *self.args], stdout=log, stderr=subprocess.STDOUT,
-            env=dict(os.environ), start_new_session=True,
+            [PYTHON, "-m", "service", *self.args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
+            start_new_session=True,
         )
         return self
 
@@ -64,11 +67,21 @@ class ServiceProcess:
             self.process.wait()
 
 
-def start_worker(log_dir: Path, name: str = "worker", concurrency: int = 3,
-                 extra: list[str] | None = None) -> ServiceProcess:
-    worker = ServiceProcess(name, ["worker", "--concurrency", str(concurrency),
-                                   "--hostname", f"{name}-{os.getpid()}@%h", *(extra or [])],
-                            log_dir).start()
+def start_worker(
+    log_dir: Path, name: str = "worker", concurrency: int = 3, extra: list[str] | None = None
+) -> ServiceProcess:
+    worker = ServiceProcess(
+        name,
+        [
+            "worker",
+            "--concurrency",
+            str(concurrency),
+            "--hostname",
+            f"{name}-{os.getpid()}@%h",
+            *(extra or []),
+        ],
+        log_dir,
+    ).start()
     worker.wait_ready("ready.")
     return worker
 

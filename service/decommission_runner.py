@@ -80,7 +80,7 @@ class DecommissionRunner:
             tries = done.tries
             token = token_of(run.lock_token)
         if token is not None:
-            self._locks.extend(ref.slug, token)
+            self._locks.extend(ref.slug, token, retake=True)
         try:
             # A fault plan on a step applies to its compensation too: the same upstream.
             self._faults.apply(step, ref.slug, while_hanging=lambda: None)
@@ -142,9 +142,9 @@ class DecommissionRunner:
                 decommission_event_data(tenant),
             )
             token = token_of(run.lock_token)
-        self._relay.publish_now(events.rows)
         if token is not None:
             self._locks.release(ref.slug, token)
+        self._relay.publish_now(events.rows)
 
     def fail(self, ref: DecommissionRef, step: str | None, exc: BaseException) -> bool:
         events = PendingEvents()
@@ -170,9 +170,9 @@ class DecommissionRunner:
                 ),
             )
             token = token_of(run.lock_token)
-        self._relay.publish_now(events.rows)
         if token is not None:
             self._locks.release(ref.slug, token)
+        self._relay.publish_now(events.rows)
         return True
 
     def _fenced(self, session: Session, ref: DecommissionRef) -> tuple[Tenant, Decommission]:

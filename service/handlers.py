@@ -449,7 +449,7 @@ class Handlers:
         return self._reject(
             Request(CommandType.PROVISION, slug or "", command_id=request_id),
             rejected,
-            command_type=command_type,
+            command_type=command_type or "unknown",
             record=command_id is not None,
             extra_rows=[dead_letter],
         )

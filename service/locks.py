@@ -14,14 +14,15 @@ from redis import Redis
 
 from config.keys import LOCK_TTL_MS, lock_key
 
-# Extend only our own lock; take it back if it vanished (a Redis restart, an expired TTL) since
-# the DB epoch, checked in the same step's transaction, still decides who may write.
+# Extend only our own lock. With ARGV[3] == "1", also take it back if it vanished (a Redis
+# restart, an expired TTL): only a step that has just passed its DB fence check may do that,
+# since the DB epoch, not this key, decides who may write.
 _EXTEND = """
 local current = redis.call('GET', KEYS[1])
 if current == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
-elseif not current then
+elseif not current and ARGV[3] == '1' then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return 2
 end
@@ -78,9 +79,11 @@ class TenantLocks:
     def acquire(self, slug: str, token: LockToken) -> bool:
         return bool(self._redis.set(lock_key(slug), token.encode(), nx=True, px=self._ttl_ms))
 
-    def extend(self, slug: str, token: LockToken) -> bool:
-        """Renew our lock (or retake it if it vanished); False if someone else holds it."""
-        result = self._extend(keys=[lock_key(slug)], args=[token.encode(), self._ttl_ms])
+    def extend(self, slug: str, token: LockToken, *, retake: bool = False) -> bool:
+        """Renew our lock; with ``retake``, take it back if it vanished. False when it is not
+        ours (someone else's, or gone and not retaken)."""
+        args = [token.encode(), self._ttl_ms, "1" if retake else "0"]
+        result = self._extend(keys=[lock_key(slug)], args=args)
         return int(cast(Any, result)) != 0
 
     def release(self, slug: str, token: LockToken) -> bool:

@@ -36,6 +36,7 @@ from service.relay import OutboxRelay
 log = structlog.get_logger(__name__)
 
 FINAL_STEP = STEPS[-1]
+LOCK_RENEW_EVERY_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,11 +127,19 @@ class SagaRunner:
         self._relay.publish_now(events.rows)
         started = time.monotonic()
 
-        def keep_lock() -> None:
-            if token is not None and not self._locks.extend(ref.slug, token):
-                log.warning("lock.held_by_other", slug=ref.slug, attempt=ref.attempt_number)
+        # Just past the fence check: we may retake a lock that vanished (Redis restart).
+        if token is not None and not self._locks.extend(ref.slug, token, retake=True):
+            log.warning("lock.held_by_other", slug=ref.slug, attempt=ref.attempt_number)
+        last_renewal = time.monotonic()
 
-        keep_lock()
+        def keep_lock() -> None:
+            # While a step hangs: renew, never retake. A reset deletes the lock, and a hung
+            # step that put it back would refuse the operator's retry as `locked`.
+            nonlocal last_renewal
+            if token is not None and time.monotonic() - last_renewal >= LOCK_RENEW_EVERY_S:
+                self._locks.extend(ref.slug, token)
+                last_renewal = time.monotonic()
+
         try:
             self._faults.apply(step, ref.slug, while_hanging=keep_lock)
             self._check_fence(ref)  # a hang may have outlived a reset: make nothing after it
@@ -190,9 +199,10 @@ class SagaRunner:
                     ),
                 )
             token = token_of(attempt.lock_token)
-        self._relay.publish_now(events.rows)
+        # Lock first, then events: whoever reacts to `completed` must find the tenant free.
         if step == FINAL_STEP and token is not None:
             self._locks.release(ref.slug, token)
+        self._relay.publish_now(events.rows)
         return StepDone(dict(output))
 
     def _step_failed(
@@ -306,9 +316,10 @@ class SagaRunner:
                 ),
             )
             token = token_of(attempt.lock_token)
-        self._relay.publish_now(events.rows)
+        # Lock first, then events: a retry sent on seeing `failed` must not find it `locked`.
         if token is not None:
             self._locks.release(ref.slug, token)
+        self._relay.publish_now(events.rows)
         log.info(
             "attempt.failed",
             slug=ref.slug,

@@ -229,6 +229,8 @@ def test_hang_locked_reset_fences_the_old_attempt_then_retry_succeeds(
     assert event["lock_released"] is True
     assert event["requested_by"] == "ops"
     assert event["state"] == "failed"
+    # the step is still hung, yet it does not take the lock back
+    time.sleep(1.0)
     assert not services.locks.is_held(slug)
 
     with Session(services.engine) as session:

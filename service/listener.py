@@ -8,7 +8,6 @@ back to the broker (requeued) instead, so nothing is acknowledged that was not r
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import threading
 import time
@@ -17,9 +16,10 @@ from typing import Any
 import structlog
 from kombu import Connection, Consumer, Message
 
+from config.keys import consumer_transport_options
 from sagas.errors import MalformedCommand
 from sagas.messages import Command, CommandType, parse_command, salvage
-from service.db.models import DeadLetter
+from service.dead_letters import dead_letter_of
 from service.handlers import Handlers, Outcome, Request
 from service.publisher import COMMANDS_QUEUE_DECL, EVENTS
 
@@ -27,24 +27,6 @@ log = structlog.get_logger(__name__)
 
 PREFETCH = 10
 MAX_HANDLING_FAILURES = 5
-MAX_DEAD_LETTER_BYTES = 1_000_000
-
-
-def dead_letter_of(body: bytes, content_type: str | None, error: str, source: str) -> DeadLetter:
-    body = body[:MAX_DEAD_LETTER_BYTES]
-    try:
-        text, encoding = body.decode("utf-8"), "utf-8"
-        if "\x00" in text:  # PostgreSQL text cannot hold NUL
-            raise UnicodeDecodeError("utf-8", body, 0, 1, "NUL byte")
-    except UnicodeDecodeError:
-        text, encoding = base64.b64encode(body).decode("ascii"), "base64"
-    return DeadLetter(
-        source=source,
-        content_type=(content_type or "")[:200] or None,
-        body=text,
-        body_encoding=encoding,
-        error=error[:2000],
-    )
 
 
 def handle_command(handlers: Handlers, command: Command) -> Outcome:
@@ -139,7 +121,9 @@ class CommandListener:
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                with Connection(self._broker_url) as connection:
+                with Connection(
+                    self._broker_url, transport_options=consumer_transport_options("listener")
+                ) as connection:
                     channel = connection.default_channel
                     EVENTS.bind(channel).declare()
                     queue = COMMANDS_QUEUE_DECL.bind(channel)

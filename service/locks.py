@@ -82,7 +82,7 @@ class TenantLocks:
     def extend(self, slug: str, token: LockToken, *, retake: bool = False) -> bool:
         """Renew our lock; with ``retake``, take it back if it vanished. False when it is not
         ours (someone else's, or gone and not retaken)."""
-        args = [token.encode(), self._ttl_ms, "1" if retake else "0"]
+        args: list[str | int] = [token.encode(), self._ttl_ms, "1" if retake else "0"]
         result = self._extend(keys=[lock_key(slug)], args=args)
         return int(cast(Any, result)) != 0
 

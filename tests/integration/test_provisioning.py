@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from sqlmodel import Session, col, select
@@ -250,9 +251,15 @@ def test_every_outbox_row_is_published_and_seen(
     create(services, slug)
     events = tap.wait_for(settled, slug)
 
-    with Session(services.engine) as session:
-        rows = session.exec(
-            select(OutboxEvent).where(OutboxEvent.subject == slug).order_by(col(OutboxEvent.id))
-        ).all()
+    # published, then marked: the mark may land a moment after the event does
+    deadline = time.monotonic() + 10
+    while True:
+        with Session(services.engine) as session:
+            rows = session.exec(
+                select(OutboxEvent).where(OutboxEvent.subject == slug).order_by(col(OutboxEvent.id))
+            ).all()
+        if all(r.published_at is not None for r in rows) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert [r.event_id for r in rows] == [e["id"] for e in events]
     assert all(r.published_at is not None for r in rows)

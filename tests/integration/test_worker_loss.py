@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlmodel import Session, col, select
@@ -17,17 +15,9 @@ from service.db.models import OutboxEvent, StepRun, Tenant
 from service.faults import FaultMode
 from service.handlers import Request
 from tests.support.events import EventTap, data_of, new_slug, settled
-from tests.support.processes import ServiceProcess, start_worker
+from tests.support.processes import ServiceProcess
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def own_worker(services: Container, workdir: Path) -> Iterator[ServiceProcess]:
-    """A worker of its own: this test kills its processes."""
-    process = start_worker(workdir, name=f"victim-{new_slug('w')}", concurrency=2)
-    yield process
-    process.stop()
 
 
 def step_run(services: Container, slug: str, step: str) -> StepRun | None:
@@ -39,7 +29,7 @@ def step_run(services: Container, slug: str, step: str) -> StepRun | None:
 
 
 def test_sigkill_mid_step_redelivers_the_step_and_the_saga_ends(
-    services: Container, own_worker: ServiceProcess, tap: EventTap
+    services: Container, worker: ServiceProcess, tap: EventTap
 ) -> None:
     slug = new_slug("kill")
     # The step blocks (a hang that spends itself on this one try) so we can kill it mid-step.
@@ -57,7 +47,8 @@ def test_sigkill_mid_step_redelivers_the_step_and_the_saga_ends(
     # The child reports a job's start to the pool only just after it begins; give it that
     # moment, so the kill lands mid-step (see the design notes on the window before it).
     time.sleep(1.0)
-    pool = own_worker.children()
+    # The session's worker is the only one consuming the saga queue now: kill its whole pool.
+    pool = worker.children()
     assert pool, "the worker has no pool processes"
     for child in pool:
         os.kill(child.pid, signal.SIGKILL)

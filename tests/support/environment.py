@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import subprocess
 import tempfile
 import uuid
 from pathlib import Path
@@ -58,12 +59,32 @@ def postgres_schema_url(base: str) -> tuple[str, str]:
     return f"{base}{separator}options=-csearch_path%3D{schema}", schema
 
 
+def rabbitmq_vhost_url(base: str) -> str:
+    """A fresh RabbitMQ virtual host for this session (queues of concurrent runs never mix)."""
+    vhost = f"t_{uuid.uuid4().hex[:12]}"
+    user = base.split("//", 1)[1].split(":", 1)[0] if "@" in base else "guest"
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, timeout=60,
+                   capture_output=True)
+    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, user, ".*", ".*", ".*"],
+                   check=True, timeout=60, capture_output=True)
+
+    def drop() -> None:
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], timeout=60,
+                       capture_output=True, check=False)
+
+    atexit.register(drop)
+    root = base.rstrip("/")
+    return f"{root}/{vhost}"
+
+
 def prepare() -> dict[str, str]:
     """Set the PROVISIONER_* variables for this session; return them."""
     workdir = Path(tempfile.mkdtemp(prefix="provisioner-tests-"))
     number = claim_redis_db()
     redis_url = f"{REDIS_HOST_URL}/{number}"
     broker = os.environ.get("TEST_BROKER_URL") or redis_url
+    if broker.startswith("amqp"):
+        broker = rabbitmq_vhost_url(broker)
     database = os.environ.get("TEST_DATABASE_URL")
     if database:
         database, _schema = postgres_schema_url(database)

@@ -6,6 +6,7 @@ the way the handlers and runners do, with no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hypothesis import settings
@@ -26,6 +27,15 @@ class Tenant:
     attempts: int = 1
     last_retryable: bool | None = None
     lock_held: bool = True
+
+
+def refusal(check: Callable[..., None], *args: object, **kwargs: object) -> str | None:
+    """The reason ``check`` refuses with, or None when it allows."""
+    try:
+        check(*args, **kwargs)
+    except CommandRejected as rejected:
+        return str(rejected.reason)
+    return None
 
 
 class TenantLifecycle(RuleBasedStateMachine):
@@ -51,10 +61,9 @@ class TenantLifecycle(RuleBasedStateMachine):
     @rule()
     def create(self) -> None:
         existing = self.facts()
-        try:
-            rules.check_create(existing, "acme")
-        except CommandRejected as rejected:
-            assert rejected.reason == "slug_taken"
+        reason = refusal(rules.check_create, existing, "acme")
+        if reason is not None:
+            assert reason == "slug_taken"
             return
         # a new tenant (a new tenant_id) for the slug: its own history
         self.tenant = Tenant(state=S.PROVISIONING)
@@ -78,12 +87,18 @@ class TenantLifecycle(RuleBasedStateMachine):
 
     @rule(force=st.booleans())
     def retry(self, force: bool) -> None:
-        try:
-            rules.check_retry(self.facts(), "acme", max_retries=MAX_RETRIES, force=force)
-        except CommandRejected as rejected:
-            assert rejected.reason in {
-                "unknown_tenant", "already_decommissioned", "locked", "not_failed",
-                "not_retryable", "retry_cap_reached"}
+        reason = refusal(
+            rules.check_retry, self.facts(), "acme", max_retries=MAX_RETRIES, force=force
+        )
+        if reason is not None:
+            assert reason in {
+                "unknown_tenant",
+                "already_decommissioned",
+                "locked",
+                "not_failed",
+                "not_retryable",
+                "retry_cap_reached",
+            }
             return
         assert self.tenant is not None
         assert self.tenant.state == S.FAILED
@@ -97,9 +112,7 @@ class TenantLifecycle(RuleBasedStateMachine):
 
     @rule()
     def reset(self) -> None:
-        try:
-            rules.check_reset(self.facts(), "acme")
-        except CommandRejected:
+        if refusal(rules.check_reset, self.facts(), "acme") is not None:
             return
         assert self.tenant is not None
         if self.tenant.state == S.PROVISIONING:
@@ -109,10 +122,9 @@ class TenantLifecycle(RuleBasedStateMachine):
 
     @rule()
     def decommission(self) -> None:
-        try:
-            rules.check_decommission(self.facts(), "acme")
-        except CommandRejected as rejected:
-            assert rejected.reason in {"unknown_tenant", "already_decommissioned", "locked"}
+        reason = refusal(rules.check_decommission, self.facts(), "acme")
+        if reason is not None:
+            assert reason in {"unknown_tenant", "already_decommissioned", "locked"}
             return
         assert self.tenant is not None
         self.go(S.DECOMMISSIONING)

@@ -18,8 +18,12 @@ from sagas.states import TenantState
 from sagas.steps import STEPS, compensation_order
 
 
-def facts(state: TenantState = TenantState.FAILED, attempts: int = 1,
-          retryable: bool | None = True, lock_held: bool = False) -> TenantFacts:
+def facts(
+    state: TenantState = TenantState.FAILED,
+    attempts: int = 1,
+    retryable: bool | None = True,
+    lock_held: bool = False,
+) -> TenantFacts:
     return TenantFacts("acme", state, attempts, retryable, lock_held)
 
 
@@ -31,23 +35,34 @@ def reason(fn: object, *args: object, **kwargs: object) -> str:
 
 def test_retry_reasons() -> None:
     assert reason(check_retry, None, "acme", max_retries=2, force=False) == "unknown_tenant"
-    assert reason(check_retry, facts(TenantState.DECOMMISSIONED), "acme", max_retries=2,
-                  force=False) == "already_decommissioned"
-    assert reason(check_retry, facts(lock_held=True), "acme", max_retries=2,
-                  force=False) == "locked"
-    assert reason(check_retry, facts(TenantState.ACTIVE), "acme", max_retries=2,
-                  force=False) == "not_failed"
-    assert reason(check_retry, facts(retryable=False), "acme", max_retries=2,
-                  force=False) == "not_retryable"
-    assert reason(check_retry, facts(attempts=3), "acme", max_retries=2,
-                  force=False) == "retry_cap_reached"
+    assert (
+        reason(check_retry, facts(TenantState.DECOMMISSIONED), "acme", max_retries=2, force=False)
+        == "already_decommissioned"
+    )
+    assert (
+        reason(check_retry, facts(lock_held=True), "acme", max_retries=2, force=False) == "locked"
+    )
+    assert (
+        reason(check_retry, facts(TenantState.ACTIVE), "acme", max_retries=2, force=False)
+        == "not_failed"
+    )
+    assert (
+        reason(check_retry, facts(retryable=False), "acme", max_retries=2, force=False)
+        == "not_retryable"
+    )
+    assert (
+        reason(check_retry, facts(attempts=3), "acme", max_retries=2, force=False)
+        == "retry_cap_reached"
+    )
     check_retry(facts(attempts=3), "acme", max_retries=2, force=True)
     check_retry(facts(attempts=2), "acme", max_retries=2, force=False)
 
 
 def test_not_retryable_wins_over_force() -> None:
-    assert reason(check_retry, facts(retryable=False, attempts=9), "acme", max_retries=2,
-                  force=True) == "not_retryable"
+    assert (
+        reason(check_retry, facts(retryable=False, attempts=9), "acme", max_retries=2, force=True)
+        == "not_retryable"
+    )
 
 
 def test_decommission_is_refused_while_provisioning() -> None:
@@ -96,7 +111,14 @@ def test_nothing_made_starts_at_validate() -> None:
 
 def test_compensations_run_in_reverse_and_skip_checks() -> None:
     assert compensation_order(set(STEPS)) == [
-        "activate", "configure_admin_console", "issue_certificate", "register_workflows",
-        "provision_storage", "reserve_slot"]
+        "activate",
+        "configure_admin_console",
+        "issue_certificate",
+        "register_workflows",
+        "provision_storage",
+        "reserve_slot",
+    ]
     assert compensation_order({"validate", "reserve_slot", "provision_storage"}) == [
-        "provision_storage", "reserve_slot"]
+        "provision_storage",
+        "reserve_slot",
+    ]

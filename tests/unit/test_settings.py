@@ -33,16 +33,23 @@ def test_defaults_are_the_contracts(monkeypatch: pytest.MonkeyPatch) -> None:
     assert set(Settings.model_fields) == set(CONTRACT_DEFAULTS)
 
 
-@pytest.mark.parametrize(("variable", "value", "expected"), [
-    ("PROVISIONER_BROKER_URL", "kafka://x:9092", "PROVISIONER_BROKER_URL: unknown scheme 'kafka'"),
-    ("PROVISIONER_DATABASE_URL", "mysql://x/db", "PROVISIONER_DATABASE_URL: unknown scheme"),
-    ("PROVISIONER_REDIS_URL", "http://x", "PROVISIONER_REDIS_URL: unknown scheme 'http'"),
-    ("PROVISIONER_STEP_TRIES", "-1", "PROVISIONER_STEP_TRIES: "),
-    ("PROVISIONER_MAX_RETRIES", "many", "PROVISIONER_MAX_RETRIES: "),
-    ("PROVISIONER_STEP_BACKOFF_S", "-0.5", "PROVISIONER_STEP_BACKOFF_S: "),
-    ("PROVISIONER_API_BIND", "8080", "PROVISIONER_API_BIND: expected HOST:PORT"),
-    ("PROVISIONER_CONSOLE_URL", "http://x/console", "PROVISIONER_CONSOLE_URL: must contain"),
-])
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        (
+            "PROVISIONER_BROKER_URL",
+            "kafka://x:9092",
+            "PROVISIONER_BROKER_URL: unknown scheme 'kafka'",
+        ),
+        ("PROVISIONER_DATABASE_URL", "mysql://x/db", "PROVISIONER_DATABASE_URL: unknown scheme"),
+        ("PROVISIONER_REDIS_URL", "http://x", "PROVISIONER_REDIS_URL: unknown scheme 'http'"),
+        ("PROVISIONER_STEP_TRIES", "-1", "PROVISIONER_STEP_TRIES: "),
+        ("PROVISIONER_MAX_RETRIES", "many", "PROVISIONER_MAX_RETRIES: "),
+        ("PROVISIONER_STEP_BACKOFF_S", "-0.5", "PROVISIONER_STEP_BACKOFF_S: "),
+        ("PROVISIONER_API_BIND", "8080", "PROVISIONER_API_BIND: expected HOST:PORT"),
+        ("PROVISIONER_CONSOLE_URL", "http://x/console", "PROVISIONER_CONSOLE_URL: must contain"),
+    ],
+)
 def test_a_bad_value_names_the_variable_in_one_line(
     monkeypatch: pytest.MonkeyPatch, variable: str, value: str, expected: str
 ) -> None:
@@ -68,8 +75,14 @@ def test_a_blank_api_token_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_the_cli_fails_at_start_with_one_line(tmp_path: Path) -> None:
     env = {"PROVISIONER_STEP_TRIES": "-3", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-m", "service", "list"], env=env,
-                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1

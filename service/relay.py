@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import structlog
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, func, update
 from sqlmodel import Session, col, select
 
 from config.keys import RELAY_GRACE_S, RELAY_POLL_S
@@ -68,10 +68,13 @@ class OutboxRelay:
 
     def backlog(self) -> int:
         with Session(self._engine) as session:
-            rows = session.exec(
-                select(OutboxEvent.id).where(col(OutboxEvent.published_at).is_(None))
-            ).all()
-            return len(rows)
+            return int(
+                session.exec(
+                    select(func.count())
+                    .select_from(OutboxEvent)
+                    .where(col(OutboxEvent.published_at).is_(None))
+                ).one()
+            )
 
     def run(self, stop: threading.Event, *, poll_s: float = RELAY_POLL_S) -> None:
         log.info("relay.started")

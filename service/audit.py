@@ -26,6 +26,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.sql.dml import Insert
 
 from config.keys import CONSUMER_REDELIVER_AFTER_S, consumer_transport_options
+from service import metrics
 from service.db.engine import unit_of_work
 from service.db.models import AuditEvent, DeadLetter
 from service.dead_letters import dead_letter_of
@@ -173,6 +174,8 @@ class AuditConsumer:
         times = [p.row["time"] for p in rows.values() if p.row["time"] is not None]
         if times:
             self.last_lag_s = lag_seconds(max(times), now)
+            if self.last_lag_s is not None:
+                metrics.record_audit_lag(self.last_lag_s)
         log.info(
             "audit.stored",
             messages=len(batch),

@@ -93,7 +93,7 @@ def up(
         ),
     ] = True,
 ) -> None:
-    """Run everything on one machine: worker, command listener, outbox relay, audit consumer."""
+    """Run everything on one machine: worker, listener, relay, audit consumer, HTTP API."""
     _serve_logs()
     from service.embedded_redis import EmbeddedRedisError, embedded_redis_for
 
@@ -409,7 +409,9 @@ _register_feed(app)
 from service.cli_api import register as _register_api  # noqa: E402
 
 _register_api(app)
-# cli-anchor: ops
+from service.cli_ops import register as _register_ops  # noqa: E402
+
+_register_ops(app)
 from service.cli_demo import register as _register_demo  # noqa: E402
 
 _register_demo(app)

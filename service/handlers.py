@@ -21,6 +21,7 @@ from sagas.planning import Made, ResumePlan, resume_point
 from sagas.rules import Reason
 from sagas.states import AttemptState, StepStatus, TenantState, move
 from sagas.steps import STEPS, compensation_order, steps_from
+from service import metrics, tracing
 from service import repository as repo
 from service.db.engine import unit_of_work
 from service.db.models import (
@@ -158,6 +159,7 @@ class Handlers:
             self._locks.force_release(request.slug)
             self._locks.acquire(request.slug, token)
         self._relay.publish_now(events.rows)
+        metrics.attempt_started("create")
         ref = AttemptRef(slug=request.slug, attempt_number=1, attempt_id=attempt_id)
         self._dispatch_attempt(ref, list(STEPS))
         return self._accepted(
@@ -266,6 +268,7 @@ class Handlers:
                 return seen
             raise
         self._relay.publish_now(events.rows)
+        metrics.attempt_started("retry")
         ref = AttemptRef(slug=request.slug, attempt_number=number, attempt_id=attempt_id)
         self._dispatch_attempt(ref, list(steps_from(plan.resumed_from)))
         return self._accepted(
@@ -339,6 +342,7 @@ class Handlers:
                 return seen
             raise
         self._relay.publish_now(events.rows)
+        metrics.attempt_reset(reset_attempt)
         if reset_attempt is None:
             message = f"{request.slug} had no running attempt; nothing to reset" + (
                 " (a stale lock was released)" if lock_released else ""
@@ -478,7 +482,8 @@ class Handlers:
 
     def _dispatch_attempt(self, ref: AttemptRef, steps: list[str]) -> None:
         try:
-            self._dispatcher.start_attempt(ref, steps)
+            with tracing.in_attempt(ref.attempt_id):  # the chain joins the attempt's trace
+                self._dispatcher.start_attempt(ref, steps)
         except Exception as exc:
             # Nothing will run the saga: fail the attempt now rather than leave it provisioning.
             log.exception("dispatch.failed", slug=ref.slug, attempt=ref.attempt_number)
@@ -571,6 +576,7 @@ class Handlers:
             raise
         self._relay.publish_now(events.rows)
         log.info("command.rejected", command_type=kind, slug=request.slug, reason=rejected.reason)
+        metrics.command_rejected(kind, str(rejected.reason))
         return Outcome(
             command_id=request.command_id,
             command_type=kind,

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from sqlalchemy import Engine
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from config.settings import Settings
 from sagas import rules
@@ -23,6 +24,7 @@ from sagas.errors import AttemptFenced, StepError, StepFailedForGood, TransientU
 from sagas.messages import EventType
 from sagas.states import AttemptState, StepStatus, TenantState, move
 from sagas.steps import STEPS
+from service import metrics, tracing
 from service import repository as repo
 from service.db.engine import unit_of_work
 from service.db.models import Attempt, StepRun, Tenant
@@ -91,6 +93,7 @@ class SagaRunner:
 
     # --- the step ---
     def run_step(self, ref: AttemptRef, step: str) -> StepDone | RetryLater:
+        tracing.annotate_step(ref, step)
         events = PendingEvents()
         with unit_of_work(self._engine) as session:
             tenant, attempt = self._fenced(session, ref)
@@ -202,6 +205,10 @@ class SagaRunner:
         # Lock first, then events: whoever reacts to `completed` must find the tenant free.
         if step == FINAL_STEP and token is not None:
             self._locks.release(ref.slug, token)
+        metrics.step_completed(step, elapsed_s)
+        if step == FINAL_STEP:
+            metrics.attempt_ended("completed")
+            tracing.attempt_ended(ref, "completed", started, now)
         self._relay.publish_now(events.rows)
         return StepDone(dict(output))
 
@@ -241,6 +248,7 @@ class SagaRunner:
         self._relay.publish_now(events.rows)
         if not will_retry:
             raise StepFailedForGood(step, error_type, message, tries)
+        metrics.step_retrying(step, error_type)
         log.info(
             "step.retrying",
             step=step,
@@ -316,9 +324,12 @@ class SagaRunner:
                 ),
             )
             token = token_of(attempt.lock_token)
+            started_at = attempt.started_at
         # Lock first, then events: a retry sent on seeing `failed` must not find it `locked`.
         if token is not None:
             self._locks.release(ref.slug, token)
+        metrics.attempt_failed(failed_step, error_type, repeated)
+        tracing.attempt_ended(ref, "failed", started_at, now)
         self._relay.publish_now(events.rows)
         log.info(
             "attempt.failed",
@@ -341,20 +352,35 @@ class SagaRunner:
     # --- helpers ---
     def _fenced(self, session: Session, ref: AttemptRef) -> tuple[Tenant, Attempt]:
         """Load attempt and tenant, holding the tenant's row; raise if the attempt is fenced."""
-        attempt = session.get(Attempt, ref.attempt_id)
-        if attempt is None:
+        # One query for both (it runs in every transaction of every step); FOR UPDATE OF the
+        # tenant is the row lock repo.lock_tenant takes on PostgreSQL.
+        found = session.exec(
+            select(Attempt, Tenant)
+            .join(Tenant, col(Tenant.id) == col(Attempt.tenant_id))
+            .where(Attempt.id == ref.attempt_id)
+            .with_for_update(of=Tenant)
+        ).first()
+        if found is None:
             raise AttemptFenced(f"attempt {ref.attempt_id} does not exist")
-        tenant = repo.lock_tenant(session, attempt.tenant_id)
-        if attempt.epoch != tenant.epoch or attempt.state != AttemptState.RUNNING:
-            raise AttemptFenced(
-                f"attempt {attempt.number} of {tenant.slug} is fenced (attempt epoch "
-                f"{attempt.epoch}, tenant epoch {tenant.epoch}, attempt {attempt.state})"
-            )
+        attempt, tenant = found
+        _raise_if_fenced(attempt.number, attempt.epoch, attempt.state, tenant.slug, tenant.epoch)
         return tenant, attempt
 
     def _check_fence(self, ref: AttemptRef) -> None:
-        with unit_of_work(self._engine) as session:
-            self._fenced(session, ref)
+        # The same question as _fenced, read only: no write lock to wait for (SQLite's BEGIN
+        # IMMEDIATE) and no ORM objects to build, in the path of every step.
+        with self._engine.connect() as connection:
+            found = connection.execute(
+                select(
+                    col(Attempt.number), col(Attempt.epoch), col(Attempt.state), col(Tenant.epoch)
+                )
+                .join(Tenant, col(Tenant.id) == col(Attempt.tenant_id))
+                .where(col(Attempt.id) == ref.attempt_id)
+            ).first()
+        if found is None:
+            raise AttemptFenced(f"attempt {ref.attempt_id} does not exist")
+        number, attempt_epoch, attempt_state, tenant_epoch = found
+        _raise_if_fenced(number, attempt_epoch, attempt_state, ref.slug, tenant_epoch)
 
     def _context(self, session: Session, tenant: Tenant, attempt: Attempt) -> StepContext:
         return StepContext(
@@ -365,5 +391,40 @@ class SagaRunner:
             attempt_number=attempt.number,
             data_dir=self._settings.data_dir,
             console_url=self._settings.console_url_for(tenant.slug),
-            outputs=repo.latest_outputs(session, tenant.id),
+            # Read only if a provider asks (check_readiness does), not in every step.
+            outputs=LazyOutputs(self._engine, tenant.id),
         )
+
+
+def _raise_if_fenced(
+    number: int, attempt_epoch: int, attempt_state: str, slug: str, tenant_epoch: int
+) -> None:
+    if attempt_epoch != tenant_epoch or attempt_state != AttemptState.RUNNING:
+        raise AttemptFenced(
+            f"attempt {number} of {slug} is fenced (attempt epoch {attempt_epoch}, tenant "
+            f"epoch {tenant_epoch}, attempt {attempt_state})"
+        )
+
+
+class LazyOutputs(Mapping[str, dict[str, Any]]):
+    """What earlier steps of a tenant made (``repo.latest_outputs``), read on first use."""
+
+    def __init__(self, engine: Engine, tenant_id: str) -> None:
+        self._engine = engine
+        self._tenant_id = tenant_id
+        self._loaded: dict[str, dict[str, Any]] | None = None
+
+    def _outputs(self) -> dict[str, dict[str, Any]]:
+        if self._loaded is None:
+            with Session(self._engine) as session:
+                self._loaded = repo.latest_outputs(session, self._tenant_id)
+        return self._loaded
+
+    def __getitem__(self, step: str) -> dict[str, Any]:
+        return self._outputs()[step]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._outputs())
+
+    def __len__(self) -> int:
+        return len(self._outputs())

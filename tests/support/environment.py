@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 import subprocess
 import tempfile
 import uuid
@@ -63,18 +64,33 @@ def rabbitmq_vhost_url(base: str) -> str:
     """A fresh RabbitMQ virtual host for this session (queues of concurrent runs never mix)."""
     vhost = f"t_{uuid.uuid4().hex[:12]}"
     user = base.split("//", 1)[1].split(":", 1)[0] if "@" in base else "guest"
-    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, timeout=60,
-                   capture_output=True)
-    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, user, ".*", ".*", ".*"],
-                   check=True, timeout=60, capture_output=True)
+    subprocess.run(
+        ["rabbitmqctl", "-q", "add_vhost", vhost], check=True, timeout=60, capture_output=True
+    )
+    subprocess.run(
+        ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, user, ".*", ".*", ".*"],
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
 
     def drop() -> None:
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], timeout=60,
-                       capture_output=True, check=False)
+        subprocess.run(
+            ["rabbitmqctl", "-q", "delete_vhost", vhost],
+            timeout=60,
+            capture_output=True,
+            check=False,
+        )
 
     atexit.register(drop)
     root = base.rstrip("/")
     return f"{root}/{vhost}"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def prepare() -> dict[str, str]:
@@ -99,6 +115,8 @@ def prepare() -> dict[str, str]:
         "PROVISIONER_STEP_TRIES": "3",
         "PROVISIONER_MAX_RETRIES": "2",
         "PROVISIONER_CONSOLE_URL": "http://127.0.0.1:8080/console/{slug}",
+        # `provisioner up` serves the API too: never on a port another session may hold.
+        "PROVISIONER_API_BIND": f"127.0.0.1:{free_port()}",
         "TEST_WORKDIR": str(workdir),
     }
     os.environ.update(values)

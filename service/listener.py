@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from dataclasses import astuple
 from typing import Any
 
 import structlog
@@ -18,7 +19,7 @@ from kombu import Connection, Consumer, Message
 
 from config.keys import consumer_transport_options
 from sagas.errors import MalformedCommand
-from sagas.messages import Command, CommandType, parse_command, salvage
+from sagas.messages import Command, CommandType, Salvage, parse_command, salvage
 from service.dead_letters import dead_letter_of
 from service.handlers import Handlers, Outcome, Request
 from service.publisher import COMMANDS_QUEUE_DECL, EVENTS
@@ -47,6 +48,24 @@ def handle_command(handlers: Handlers, command: Command) -> Outcome:
     return handlers.decommission(request)
 
 
+def _without_nul(text: str) -> str:
+    return text.replace("\x00", "\ufffd")
+
+
+def refuse_nul(command: Command) -> None:
+    """A NUL character (JSON ``\\u0000``) in any field makes the command malformed: PostgreSQL
+    text cannot hold one, so such a command could be neither acted on nor recorded, and would
+    come back from the broker for ever."""
+    fields = [command.id, *command.data.model_dump().values()]
+    if any(isinstance(value, str) and "\x00" in value for value in fields):
+        raise MalformedCommand("a field contains a NUL character (\\u0000)")
+
+
+def storable(seen: Salvage) -> Salvage:
+    """What was salvaged from a malformed command, fit for the database (NUL replaced)."""
+    return Salvage(*(None if value is None else _without_nul(value) for value in astuple(seen)))
+
+
 class CommandListener:
     def __init__(self, broker_url: str, handlers: Handlers) -> None:
         self._broker_url = broker_url
@@ -62,14 +81,16 @@ class CommandListener:
         try:
             try:
                 command = parse_command(body, content_type)
+                refuse_nul(command)
             except MalformedCommand as exc:
-                seen = salvage(body)
+                seen = storable(salvage(body))
+                error = _without_nul(str(exc))
                 outcome = self._handlers.reject_malformed(
                     command_id=seen.command_id,
                     command_type=seen.command_type,
                     slug=seen.slug,
-                    message=str(exc),
-                    dead_letter=dead_letter_of(body, content_type, str(exc), "listener"),
+                    message=error,
+                    dead_letter=dead_letter_of(body, content_type, error, "listener"),
                 )
             else:
                 outcome = handle_command(self._handlers, command)
@@ -102,8 +123,9 @@ class CommandListener:
         self._failures[digest] = self._failures.get(digest, 0) + 1
         if self._failures[digest] < MAX_HANDLING_FAILURES:
             return False
-        error = f"could not be handled after {MAX_HANDLING_FAILURES} tries: {exc}"[:1000]
-        seen = salvage(body)
+        error = _without_nul(f"could not be handled after {MAX_HANDLING_FAILURES} tries: {exc}")
+        error = error[:1000]
+        seen = storable(salvage(body))
         try:
             self._handlers.reject_malformed(
                 command_id=None,

@@ -11,7 +11,7 @@ import pytest
 from config.settings import get_settings
 from service.bootstrap import Container, build_container
 from tests.support.events import EventTap
-from tests.support.processes import ServiceProcess, start_worker
+from tests.support.workers import WorkerGroup, start_workers, worker_count
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +43,9 @@ def tap(services: Container) -> Iterator[EventTap]:
 
 
 @pytest.fixture(scope="session")
-def worker(services: Container, workdir: Path) -> Iterator[ServiceProcess]:
-    process = start_worker(workdir, concurrency=3)
-    yield process
-    process.stop()
+def worker(services: Container, workdir: Path) -> Iterator[WorkerGroup]:
+    """The saga's workers: one, or ``TEST_WORKERS`` of them under distinct node names, all
+    consuming ``provisioner.saga`` (several hosts, as the broker sees them)."""
+    group = start_workers(workdir, worker_count(), concurrency=3)
+    yield group
+    group.stop()

@@ -15,14 +15,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlmodel import Session, select
 
 from sagas.messages import CommandType
-from service import handlers as handlers_module
-from service import saga_runner as saga_runner_module
 from service.bootstrap import Container, build_container
 from service.db.models import OutboxEvent
 from service.dispatch import AttemptRef, DecommissionRef
 from service.handlers import Request
 from tests.support.events import new_slug
-from tests.support.logs import fresh_loggers
 from tests.support.outcome import outcomes
 
 pytestmark = pytest.mark.integration
@@ -36,12 +33,6 @@ class BrokenBroker:
         raise AssertionError("not used")
 
 
-@pytest.fixture
-def fresh_logs(monkeypatch: pytest.MonkeyPatch) -> None:
-    fresh_loggers(monkeypatch, handlers_module, saga_runner_module)
-
-
-@pytest.mark.usefixtures("fresh_logs")
 def test_a_redis_error_fails_the_attempt_with_its_type_as_a_string(services: Container) -> None:
     assert not isinstance(getattr(RedisConnectionError("x"), "error_type", ""), str)
     broken = build_container(services.settings, dispatcher=BrokenBroker(), run_migrations=False)

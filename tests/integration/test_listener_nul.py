@@ -14,13 +14,10 @@ import uuid
 import pytest
 from sqlmodel import Session, col, select
 
-from service import handlers as handlers_module
-from service import listener as listener_module
 from service.bootstrap import Container
 from service.db.models import DeadLetter, ProcessedCommand
 from service.listener import CommandListener
 from tests.support.commands import command_body
-from tests.support.logs import fresh_loggers
 
 pytestmark = pytest.mark.integration
 
@@ -52,9 +49,8 @@ def envelope(**fields: object) -> bytes:
 
 
 def test_nul_characters_are_malformed_not_poison(
-    services: Container, monkeypatch: pytest.MonkeyPatch
+    services: Container,
 ) -> None:
-    fresh_loggers(monkeypatch, listener_module, handlers_module)
     marker = uuid.uuid4().hex[:8]
     ids = [f"nul-id-{marker}\u0000x", f"nul-type-{marker}", f"nul-slug-{marker}", f"ok-{marker}"]
     valid = command_body("tenant.reset_requested", f"nobody-{marker}", ids[3])[1].encode()

@@ -1,0 +1,271 @@
+"""Starting attempts: provisioning a new tenant, and retrying a failed one where it failed."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from sagas import rules
+from sagas.errors import CommandRejected
+from sagas.messages import EventType
+from sagas.planning import Made, ResumePlan, resume_point
+from sagas.rules import Reason
+from sagas.states import AttemptState, StepStatus, TenantState, move
+from sagas.steps import STEPS, steps_from
+from service import metrics, tracing
+from service import repository as repo
+from service.db.engine import unit_of_work
+from service.db.models import Attempt, StepRun, Tenant
+from service.dispatch import AttemptRef
+from service.handlers.answers import Outcome, Request, locked_message
+from service.handlers.deps import HandlerDeps
+from service.locks import LockToken
+from service.outbox import PendingEvents
+from service.providers.base import StepContext
+from service.saga_runner import attempt_event_data
+
+log = structlog.get_logger(__name__)
+
+
+class AttemptStarter:
+    def __init__(self, deps: HandlerDeps) -> None:
+        self._engine = deps.engine
+        self._settings = deps.settings
+        self._locks = deps.locks
+        self._relay = deps.relay
+        self._providers = deps.providers
+        self._dispatcher = deps.dispatcher
+        self._runner = deps.runner
+        self._book = deps.book
+
+    # --- create ---
+    def create(self, request: Request, *, plan: str, admin_email: str | None = None) -> Outcome:
+        if (seen := self._book.duplicate(request)) is not None:
+            return seen
+        with Session(self._engine) as session:
+            existing = repo.tenant_by_slug(session, request.slug)
+            facts = repo.tenant_facts(session, existing, lock_held=False)
+        try:
+            rules.check_create(facts, request.slug)
+        except CommandRejected as rejected:
+            return self._book.reject(request, rejected)
+        tenant_id, attempt_id = str(uuid.uuid4()), str(uuid.uuid4())
+        token = LockToken.new(attempt_id, 1)
+        events = PendingEvents()
+        try:
+            with unit_of_work(self._engine) as session:
+                session.add(self._book.processed(request, "accepted"))
+                tenant = Tenant(
+                    id=tenant_id,
+                    slug=request.slug,
+                    live_slug=request.slug,
+                    plan=plan,
+                    admin_email=admin_email,
+                    state=TenantState.PROVISIONING,
+                    epoch=1,
+                )
+                attempt = Attempt(
+                    id=attempt_id,
+                    tenant_id=tenant_id,
+                    number=1,
+                    epoch=1,
+                    trigger="create",
+                    state=AttemptState.RUNNING,
+                    requested_by=request.requested_by,
+                    resumed_from=STEPS[0],
+                    reused_steps=[],
+                    lock_token=token.encode(),
+                )
+                session.add(tenant)
+                session.flush()
+                session.add(attempt)
+                session.flush()
+                events.add(
+                    session,
+                    EventType.STARTED,
+                    request.slug,
+                    attempt_event_data(
+                        tenant,
+                        attempt,
+                        trigger="create",
+                        resumed_from=STEPS[0],
+                        reused_steps=[],
+                        requested_by=request.requested_by,
+                    ),
+                )
+        except IntegrityError:
+            if (seen := self._book.duplicate(request)) is not None:
+                return seen
+            return self._book.reject(
+                request,
+                CommandRejected(
+                    Reason.SLUG_TAKEN,
+                    f"slug {request.slug!r} was just taken by another tenant; pick another slug",
+                ),
+            )
+        # The new tenant owns the slug now; a lock left by an earlier, decommissioned tenant of
+        # the same slug is stale (its runs are fenced by their own tenant's epoch).
+        if not self._locks.acquire(request.slug, token):
+            self._locks.force_release(request.slug)
+            self._locks.acquire(request.slug, token)
+        self._relay.publish_now(events.rows)
+        metrics.attempt_started("create")
+        ref = AttemptRef(slug=request.slug, attempt_number=1, attempt_id=attempt_id)
+        self._dispatch_attempt(ref, list(STEPS))
+        return self._book.accepted(
+            request,
+            EventType.STARTED,
+            f"provisioning {request.slug} started",
+            tenant_id=tenant_id,
+            attempt_number=1,
+        )
+
+    # --- retry ---
+    def retry(self, request: Request, *, force: bool = False) -> Outcome:
+        if (seen := self._book.duplicate(request)) is not None:
+            return seen
+        with Session(self._engine) as session:
+            tenant = repo.tenant_by_slug(session, request.slug)
+            facts = repo.tenant_facts(session, tenant, lock_held=self._locks.is_held(request.slug))
+            made = repo.made_by_earlier_attempts(session, tenant.id) if tenant else {}
+        # Checked outside any transaction: providers do their own I/O (files, the slot table).
+        plan = self._resume_plan(tenant, made) if tenant is not None else None
+        try:
+            rules.check_retry(
+                facts, request.slug, max_retries=self._settings.max_retries, force=force
+            )
+        except CommandRejected as rejected:
+            return self._book.reject(request, rejected)
+        assert tenant is not None
+        assert plan is not None
+        assert facts is not None
+        attempt_id = str(uuid.uuid4())
+        token = LockToken.new(attempt_id, tenant.epoch + 1)
+        if not self._locks.acquire(request.slug, token):
+            return self._book.reject(
+                request, CommandRejected(Reason.LOCKED, locked_message(request.slug))
+            )
+        events = PendingEvents()
+        try:
+            with unit_of_work(self._engine) as session:
+                current = repo.lock_tenant(session, tenant.id)
+                if current.epoch != tenant.epoch or current.state != TenantState.FAILED:
+                    # Someone else moved first (another retry, a decommission): refuse.
+                    raise CommandRejected(
+                        Reason.NOT_FAILED,
+                        (
+                            f"tenant {request.slug!r} is {current.state}, not failed; "
+                            "another command changed it first"
+                        ),
+                    )
+                session.add(self._book.processed(request, "accepted"))
+                number = facts.attempts + 1
+                current.epoch += 1
+                current.state = move(current, TenantState.PROVISIONING)
+                current.failure_reason = None
+                current.updated_at = datetime.now(UTC)
+                attempt = Attempt(
+                    id=attempt_id,
+                    tenant_id=current.id,
+                    number=number,
+                    epoch=current.epoch,
+                    trigger="retry",
+                    state=AttemptState.RUNNING,
+                    requested_by=request.requested_by,
+                    resumed_from=plan.resumed_from,
+                    reused_steps=plan.reused_steps,
+                    lock_token=token.encode(),
+                )
+                session.add(current)
+                session.add(attempt)
+                session.flush()
+                events.add(
+                    session,
+                    EventType.STARTED,
+                    current.slug,
+                    attempt_event_data(
+                        current,
+                        attempt,
+                        trigger="retry",
+                        resumed_from=plan.resumed_from,
+                        reused_steps=plan.reused_steps,
+                        requested_by=request.requested_by,
+                    ),
+                )
+                outputs = repo.made_by_earlier_attempts(session, current.id)
+                for step, origin in plan.reused:
+                    session.add(
+                        StepRun(
+                            attempt_id=attempt_id,
+                            tenant_id=current.id,
+                            step=step,
+                            status=StepStatus.SKIPPED,
+                            output=dict(outputs[step].output),
+                            reused_from_attempt=origin,
+                            ended_at=datetime.now(UTC),
+                        )
+                    )
+                    events.add(
+                        session,
+                        EventType.STEP_SKIPPED,
+                        current.slug,
+                        attempt_event_data(current, attempt, step=step, reused_from_attempt=origin),
+                    )
+        except CommandRejected as rejected:
+            self._locks.release(request.slug, token)
+            return self._book.reject(request, rejected)
+        except IntegrityError:
+            self._locks.release(request.slug, token)
+            if (seen := self._book.duplicate(request)) is not None:
+                return seen
+            raise
+        self._relay.publish_now(events.rows)
+        metrics.attempt_started("retry")
+        ref = AttemptRef(slug=request.slug, attempt_number=number, attempt_id=attempt_id)
+        self._dispatch_attempt(ref, list(steps_from(plan.resumed_from)))
+        return self._book.accepted(
+            request,
+            EventType.STARTED,
+            f"retry of {request.slug} started as attempt {number}, resuming at "
+            f"{plan.resumed_from}"
+            + (f" (reusing {', '.join(plan.reused_steps)})" if plan.reused_steps else ""),
+            tenant_id=tenant.id,
+            attempt_number=number,
+            details={"resumed_from": plan.resumed_from, "reused_steps": plan.reused_steps},
+        )
+
+    # --- helpers ---
+    def _resume_plan(self, tenant: Tenant, made: dict[str, Made]) -> ResumePlan:
+        ctx = StepContext(
+            tenant_id=tenant.id,
+            slug=tenant.slug,
+            plan=tenant.plan,
+            admin_email=tenant.admin_email,
+            attempt_number=0,
+            data_dir=self._settings.data_dir,
+            console_url=self._settings.console_url_for(tenant.slug),
+            outputs={step: dict(m.output) for step, m in made.items()},
+        )
+
+        def still_exists(step: str, output: Any) -> bool:
+            try:
+                return self._providers[step].exists(ctx, dict(output))
+            except Exception:
+                log.warning("resume.exists_check_failed", step=step, slug=tenant.slug)
+                return False
+
+        return resume_point(made, still_exists)
+
+    def _dispatch_attempt(self, ref: AttemptRef, steps: list[str]) -> None:
+        try:
+            with tracing.in_attempt(ref.attempt_id):  # the chain joins the attempt's trace
+                self._dispatcher.start_attempt(ref, steps)
+        except Exception as exc:
+            # Nothing will run the saga: fail the attempt now rather than leave it provisioning.
+            log.exception("dispatch.failed", slug=ref.slug, attempt=ref.attempt_number)
+            self._runner.fail_attempt(ref, steps[0], exc)

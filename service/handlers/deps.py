@@ -1,0 +1,27 @@
+"""What the use cases share: the adapters, wired once by the composition root."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+
+from config.settings import Settings
+from service.dispatch import SagaDispatcher
+from service.handlers.answers import CommandBook
+from service.locks import TenantLocks
+from service.providers.base import Provider
+from service.relay import OutboxRelay
+from service.saga_runner import SagaRunner
+
+
+@dataclass(frozen=True)
+class HandlerDeps:
+    engine: Engine
+    settings: Settings
+    locks: TenantLocks
+    relay: OutboxRelay
+    providers: dict[str, Provider]
+    dispatcher: SagaDispatcher
+    runner: SagaRunner
+    book: CommandBook

@@ -17,7 +17,7 @@ from service.db.engine import unit_of_work
 from service.db.models import Compensation, Decommission, Tenant
 from service.dispatch import DecommissionRef
 from service.faults import FaultPlans
-from service.locks import TenantLocks
+from service.locks import LockToken, TenantLocks
 from service.outbox import PendingEvents
 from service.providers.base import Provider, StepContext
 from service.relay import OutboxRelay
@@ -80,10 +80,10 @@ class DecommissionRunner:
             tries = done.tries
             token = token_of(run.lock_token)
         if token is not None:
-            self._locks.extend(ref.slug, token, retake=True)
+            self._locks.retake_after_fence_check(ref.slug, token)
         try:
             # A fault plan on a step applies to its compensation too: the same upstream.
-            self._faults.apply(step, ref.slug, while_hanging=lambda: None)
+            self._faults.apply(step, ref.slug, while_hanging=lambda: self._renew(ref, token))
             self._providers[step].compensate(ctx, output)
         except Exception as exc:
             error = exc if isinstance(exc, StepError) else TransientUpstreamError(str(exc))
@@ -143,7 +143,7 @@ class DecommissionRunner:
             )
             token = token_of(run.lock_token)
         if token is not None:
-            self._locks.release(ref.slug, token)
+            self._locks.release_after_commit(ref.slug, token)
         self._relay.publish_now(events.rows)
 
     def fail(self, ref: DecommissionRef, step: str | None, exc: BaseException) -> bool:
@@ -171,9 +171,14 @@ class DecommissionRunner:
             )
             token = token_of(run.lock_token)
         if token is not None:
-            self._locks.release(ref.slug, token)
+            self._locks.release_after_commit(ref.slug, token)
         self._relay.publish_now(events.rows)
         return True
+
+    def _renew(self, ref: DecommissionRef, token: LockToken | None) -> None:
+        """While a compensation hangs: renew the lock, never retake it (see SagaRunner)."""
+        if token is not None:
+            self._locks.extend(ref.slug, token)
 
     def _fenced(self, session: Session, ref: DecommissionRef) -> tuple[Tenant, Decommission]:
         run = session.get(Decommission, ref.decommission_id)

@@ -10,9 +10,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
+import structlog
 from redis import Redis
+from redis.exceptions import RedisError
 
 from config.keys import LOCK_TTL_MS, lock_key
+
+log = structlog.get_logger(__name__)
 
 # Extend only our own lock. With ARGV[3] == "1", also take it back if it vanished (a Redis
 # restart, an expired TTL): only a step that has just passed its DB fence check may do that,
@@ -85,6 +89,23 @@ class TenantLocks:
         args: list[str | int] = [token.encode(), self._ttl_ms, "1" if retake else "0"]
         result = self._extend(keys=[lock_key(slug)], args=args)
         return int(cast(Any, result)) != 0
+
+    def retake_after_fence_check(self, slug: str, token: LockToken) -> bool:
+        """A run's step, just past its DB fence check: renew or retake the lock. The lock only
+        guards; if Redis does not answer right now, the fence has decided, so go on (True)."""
+        try:
+            return self.extend(slug, token, retake=True)
+        except RedisError as exc:
+            log.warning("lock.unreachable", slug=slug, error=str(exc)[:200])
+            return True
+
+    def release_after_commit(self, slug: str, token: LockToken) -> None:
+        """Give the lock back once the run's end is committed. A Redis that does not answer must
+        not undo what is done: the lock was lost with it, or lapses by its TTL."""
+        try:
+            self.release(slug, token)
+        except RedisError as exc:
+            log.warning("lock.release_failed", slug=slug, error=str(exc)[:200])
 
     def release(self, slug: str, token: LockToken) -> bool:
         result = self._release(keys=[lock_key(slug)], args=[token.encode()])

@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from redis.exceptions import RedisError
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
@@ -133,7 +132,7 @@ class SagaRunner:
 
         # Just past the fence check: we may retake a lock that vanished (Redis restart). The
         # lock only guards; if Redis does not answer right now, the DB fence has decided: go on.
-        if token is not None and not self._extend_quietly(ref, token):
+        if token is not None and not self._locks.retake_after_fence_check(ref.slug, token):
             log.warning("lock.held_by_other", slug=ref.slug, attempt=ref.attempt_number)
         last_renewal = time.monotonic()
 
@@ -206,7 +205,7 @@ class SagaRunner:
             token = token_of(attempt.lock_token)
         # Lock first, then events: whoever reacts to `completed` must find the tenant free.
         if step == FINAL_STEP and token is not None:
-            self._release_quietly(ref, token)
+            self._locks.release_after_commit(ref.slug, token)
         metrics.step_completed(step, elapsed_s)
         if step == FINAL_STEP:
             metrics.attempt_ended("completed")
@@ -333,7 +332,7 @@ class SagaRunner:
             started_at = attempt.started_at
         # Lock first, then events: a retry sent on seeing `failed` must not find it `locked`.
         if token is not None:
-            self._release_quietly(ref, token)
+            self._locks.release_after_commit(ref.slug, token)
         metrics.attempt_failed(failed_step, error_type, repeated)
         tracing.attempt_ended(ref, "failed", started_at, now)
         self._relay.publish_now(events.rows)
@@ -356,21 +355,6 @@ class SagaRunner:
             self._locks.release(ref.slug, token)
 
     # --- helpers ---
-    def _extend_quietly(self, ref: AttemptRef, token: LockToken) -> bool:
-        try:
-            return self._locks.extend(ref.slug, token, retake=True)
-        except RedisError as exc:
-            log.warning("lock.unreachable", slug=ref.slug, error=str(exc)[:200])
-            return True
-
-    def _release_quietly(self, ref: AttemptRef, token: LockToken) -> None:
-        """After the commit: a Redis that does not answer must not fail what is done; the
-        lock was lost with it, or lapses by its TTL."""
-        try:
-            self._locks.release(ref.slug, token)
-        except RedisError as exc:
-            log.warning("lock.release_failed", slug=ref.slug, error=str(exc)[:200])
-
     def _fenced(self, session: Session, ref: AttemptRef) -> tuple[Tenant, Attempt]:
         """Load attempt and tenant, holding the tenant's row; raise if the attempt is fenced."""
         # One query for both (it runs in every transaction of every step); FOR UPDATE OF the

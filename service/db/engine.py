@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, Pool, QueuePool
 from sqlmodel import Session
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Open SQLite connections kept per process. Opening one sets up the WAL and closing the last one
+# checkpoints it: with a connection per transaction that was most of a saga step's cost
+# (docs/benchmarks.md). A prefork child is single-threaded; a threaded caller (the API) that
+# needs more gets them, opened and closed as before (no limit, so nothing waits for the pool).
+SQLITE_POOL_SIZE = 4
+SQLITE_POOL_OVERFLOW = -1
 WRITE_OPTION = "provisioner_writes"
+# The pools a forked child inherited: kept referenced, never used or closed, because closing a
+# SQLite connection the parent still uses would checkpoint the WAL under it.
+_INHERITED_POOLS: list[Pool] = []
 
 
 def make_engine(url: str) -> Engine:
@@ -25,15 +35,31 @@ def make_engine(url: str) -> Engine:
 
 
 def _sqlite_engine(url: str, database: str | None) -> Engine:
-    if database and database != ":memory:":
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    in_file = bool(database) and database != ":memory:"
+    if in_file:
+        Path(str(database)).parent.mkdir(parents=True, exist_ok=True)
+    pooling: dict[str, Any] = (
+        {
+            "poolclass": QueuePool,
+            "pool_size": SQLITE_POOL_SIZE,
+            "max_overflow": SQLITE_POOL_OVERFLOW,
+        }
+        if in_file
+        else {"poolclass": NullPool}
+    )
     engine = create_engine(
         url,
-        # Transactions are opened by the BEGIN IMMEDIATE below, not by pysqlite.
-        connect_args={"isolation_level": None, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
-        # Connections are cheap; a pool would be shared across a prefork worker's fork.
-        poolclass=NullPool,
+        # Transactions are opened by the BEGIN IMMEDIATE below, not by pysqlite. The pool hands
+        # a connection to one thread at a time.
+        connect_args={
+            "isolation_level": None,
+            "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+            "check_same_thread": False,
+        },
+        **pooling,
     )
+    if in_file:
+        os.register_at_fork(after_in_child=_forget_pool_after_fork(weakref.ref(engine)))
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -71,6 +97,16 @@ def unit_of_work(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+def _forget_pool_after_fork(ref: weakref.ref[Engine]) -> Callable[[], None]:
+    def forget() -> None:
+        engine = ref()
+        if engine is not None:
+            _INHERITED_POOLS.append(engine.pool)
+            engine.dispose(close=False)
+
+    return forget
 
 
 def dispose_after_fork(engine: Engine) -> None:

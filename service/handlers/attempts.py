@@ -197,7 +197,8 @@ class AttemptStarter:
                         requested_by=request.requested_by,
                     ),
                 )
-                outputs = repo.made_by_earlier_attempts(session, current.id)
+                # `made` was read before this transaction; the epoch check above proves no step
+                # has completed since (steps complete only under the tenant's current epoch).
                 for step, origin in plan.reused:
                     session.add(
                         StepRun(
@@ -205,7 +206,7 @@ class AttemptStarter:
                             tenant_id=current.id,
                             step=step,
                             status=StepStatus.SKIPPED,
-                            output=dict(outputs[step].output),
+                            output=dict(made[step].output),
                             reused_from_attempt=origin,
                             ended_at=datetime.now(UTC),
                         )

@@ -1,0 +1,134 @@
+"""``python -m bench.profile``: py-spy on the saga worker's pool while sagas run, 8 in flight.
+
+Writes, into ``--out`` (default ``bench/results/profile``), the collapsed stacks (``saga.txt``,
+for speedscope or ``flamegraph.pl``) and ``top.txt``: the share of the samples by what the worker
+was doing (the table of docs/benchmarks.md). ``--bare`` profiles the bare chain's worker
+instead. Needs ``py-spy`` (``pip install py-spy``) and the right to ptrace (root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from contextlib import ExitStack
+from pathlib import Path
+
+from bench.environment import prepare
+
+# (category, a frame that puts a sample in it), first match wins: the rows of docs/benchmarks.md.
+CATEGORIES: tuple[tuple[str, str], ...] = (
+    ("publishing events (kombu -> broker)", "Publisher._publish"),
+    ("SQLite connect / PRAGMA / close", "_pragmas"),
+    ("SQLite connect / PRAGMA / close", "DefaultDialect.connect"),
+    ("SQLite connect / PRAGMA / close", "do_close"),
+    ("waiting for the write lock (BEGIN IMMEDIATE)", "_begin (service/db/engine.py"),
+    ("commit (flush + COMMIT)", "Session.commit"),
+    ("commit (flush + COMMIT)", "do_commit"),
+    ("lock and fault-plan calls (Redis)", "TenantLocks."),
+    ("lock and fault-plan calls (Redis)", "FaultPlans."),
+    ("marking outbox rows published", "OutboxRelay._mark"),
+    ("reading earlier outputs", "latest_outputs"),
+    ("fence queries", "SagaRunner._fenced"),
+    ("fence queries", "SagaRunner._check_fence"),
+    ("step_run query", "step_run (service/repository"),
+    ("building CloudEvents", "build_event"),
+)
+IN_STEP = ("step_task", "noop (bench/bare_app.py")
+
+
+def category(stack: str) -> str:
+    if not any(mark in stack for mark in IN_STEP):
+        return "Celery, kombu, billiard around the step"
+    for name, frame in CATEGORIES:
+        if frame in stack:
+            return name
+    return "the rest of the step"
+
+
+def summarise(collapsed: Path, top: Path) -> None:
+    """Share of the samples by what the worker was doing (py-spy's raw format: one collapsed
+    stack and its count per line)."""
+    totals: Counter[str] = Counter()
+    samples = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        samples += int(count_text)
+        totals[category(stack)] += int(count_text)
+    lines = [f"{samples} samples (idle excluded)"]
+    lines += [f"{100 * n / max(samples, 1):5.1f}%  {name}" for name, n in totals.most_common()]
+    top.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile")
+    parser.add_argument("--sagas", type=int, default=400, help="sagas to run while sampling")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--bare", action="store_true", help="profile the bare chain instead")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/profile"))
+    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    args = parser.parse_args(argv)
+    if shutil.which("py-spy") is None and not (Path(sys.executable).parent / "py-spy").exists():
+        parser.error("py-spy is not installed (pip install py-spy)")
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "bare" if args.bare else "saga"
+    workdir = Path(tempfile.mkdtemp(prefix="provisioner-bench-profile-"))
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, workdir, True)
+        env = prepare(stack, workdir=workdir, rabbitmq=False, postgres=False)
+        from bench import noop_providers
+
+        noop_providers.install()
+        from bench.harness import Harness
+        from config.logging import configure_logging
+        from config.settings import get_settings
+        from service.bootstrap import build_container
+
+        configure_logging("WARNING")
+        services = build_container(get_settings())
+        harness = Harness(env, services, args.concurrency)
+        stack.callback(harness.stop_processes)
+        harness.start_processes()
+        start = harness.start_bare if args.bare else harness.start_saga
+        harness.drive(start, 2 * args.concurrency, inflight=2 * args.concurrency)  # warm up
+        worker = harness.bare_worker if args.bare else harness.saga_worker
+        assert worker is not None
+        raw = args.out / f"{name}.txt"
+        recorder = subprocess.Popen(
+            [
+                py_spy,
+                "record",
+                "--pid",
+                str(worker.pid),
+                "--subprocesses",
+                "--rate",
+                str(args.rate),
+                "--format",
+                "raw",
+                "--output",
+                str(raw),
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            harness.drive(start, args.sagas, inflight=8)
+        finally:
+            recorder.send_signal(signal.SIGINT)  # SIGINT: py-spy writes what it has
+            recorder.wait(60)
+        summarise(raw, args.out / "top.txt")
+        print(f"collapsed stacks: {raw} (speedscope or flamegraph.pl read them); summary:")
+        print((args.out / "top.txt").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,14 @@
+"""The saga's Celery app for ``celery -A bench.worker_app worker``: ``tasks.app`` itself, with
+the no-op providers installed first and the step timestamps recorded."""
+
+from __future__ import annotations
+
+from bench import noop_providers, timing
+
+noop_providers.install()
+
+from tasks.app import app  # noqa: E402  (after install: the container is built from it)
+
+timing.connect()
+
+__all__ = ["app"]

@@ -1,0 +1,153 @@
+"""Issue 6: the benchmark runs end to end (``python -m bench --smoke``) and reports every measure.
+
+No timing is asserted: the machine is shared. The bench claims its own Redis database and
+work directory, and must stop every process it started, even when it is stopped itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE_TIMEOUT_S = 240.0
+
+# Must be numbers > 0; ``hop_*`` (it may round to zero) and ``growth_pct`` (RSS may shrink)
+# need only be numbers.
+POSITIVE = {
+    ("latency", "bare"): ("step_p50_ms", "step_p95_ms", "chain_p50_ms", "chain_p95_ms"),
+    ("latency", "saga"): ("step_p50_ms", "step_p95_ms", "chain_p50_ms", "chain_p95_ms"),
+    ("latency", "ratio"): ("step_p50_ms", "chain_p50_ms"),
+    ("throughput", "bare"): ("steps_per_s", "worker_cpu_ms_per_step"),
+    ("throughput", "saga"): ("steps_per_s", "worker_cpu_ms_per_step"),
+    ("throughput", "ratio"): ("steps_per_s",),
+    ("audit",): (
+        "production_events_per_s",
+        "consumer_events_per_s",
+        "ratio",
+        "lag_p50_ms",
+        "lag_p99_ms",
+    ),
+    ("retry",): ("started_p50_ms", "started_p95_ms"),
+    ("rss",): ("sagas", "before_mb", "after_mb"),
+}
+NUMBERS = {
+    ("latency", "bare"): ("hop_p50_ms", "hop_p95_ms"),
+    ("latency", "saga"): ("hop_p50_ms", "hop_p95_ms"),
+    ("rss",): ("growth_pct",),
+}
+TARGETS = 5
+
+
+def _section(summary: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    node: Any = summary
+    for part in path:
+        node = node[part]
+    assert isinstance(node, dict), path
+    return node
+
+
+def _bench_env() -> dict[str, str]:
+    """The test session's environment minus its PROVISIONER_* settings: the bench sets its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIONER_")}
+    if os.environ.get("TEST_DATABASE_URL"):
+        env["BENCH_POSTGRES_URL"] = os.environ["TEST_DATABASE_URL"]
+    if os.environ.get("TEST_BROKER_URL", "").startswith("amqp"):
+        env["BENCH_RABBITMQ_URL"] = os.environ["TEST_BROKER_URL"]
+    return env
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM first (the bench stops its workers), then kill whatever is left of its tree."""
+    try:
+        tree = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            continue
+
+
+def test_smoke_bench_writes_every_measure(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = [sys.executable, "-m", "bench", "--smoke", "--json", str(out)]
+    args += ["--workdir", str(tmp_path / "work")]
+    if os.environ.get("TEST_DATABASE_URL"):
+        args.append("--postgres")
+    if os.environ.get("TEST_BROKER_URL", "").startswith("amqp"):
+        args.append("--rabbitmq")
+    process = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=_bench_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        output, _ = process.communicate(timeout=SMOKE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _stop(process)
+        pytest.fail(f"the smoke bench did not finish in {SMOKE_TIMEOUT_S:.0f}s")
+    finally:
+        _stop(process)
+    text = output.decode(errors="replace")
+    assert process.returncode == 0, text[-4000:]
+    assert "saga/bare" in text, text[-2000:]
+
+    results = json.loads(out.read_text())
+    assert results["config"]["smoke"] is True
+    assert results["config"]["database"] == (
+        "postgresql" if os.environ.get("TEST_DATABASE_URL") else "sqlite"
+    )
+    summary = results["summary"]
+    for path, keys in POSITIVE.items():
+        section = _section(summary, path)
+        for key in keys:
+            value = section[key]
+            assert isinstance(value, int | float), (path, key, value)
+            assert math.isfinite(value), (path, key, value)
+            assert value > 0, (path, key, value)
+    for path, keys in NUMBERS.items():
+        section = _section(summary, path)
+        for key in keys:
+            assert isinstance(section[key], int | float), (path, key, section[key])
+    assert len(results["targets"]) == TARGETS
+    for target in results["targets"]:
+        assert {"name", "value", "op", "limit", "pass"} <= set(target)
+        assert isinstance(target["pass"], bool)
+    assert len(results["repeats"]) == 1
+    # Nothing the bench started is left running (its processes carry its work directory).
+    assert not _processes_under(tmp_path / "work")
+
+
+def _processes_under(workdir: Path) -> list[int]:
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            timing_dir = proc.environ().get("BENCH_TIMING_DIR", "")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if timing_dir.startswith(str(workdir)):
+            found.append(proc.pid)
+    return found

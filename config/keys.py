@@ -55,5 +55,8 @@ def consumer_transport_options(consumer: str) -> dict[str, object]:
         "unacked_key": f"provisioner.{consumer}.unacked",
         "unacked_index_key": f"provisioner.{consumer}.unacked_index",
         "unacked_mutex_key": f"provisioner.{consumer}.unacked_mutex",
+        # A consumer killed while it held the restore mutex would otherwise block every other
+        # consumer's restore for kombu's default five minutes; a restore takes milliseconds.
+        "unacked_mutex_expire": 5,
         "unacked_restore_throttle": 4,
     }

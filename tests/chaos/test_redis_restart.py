@@ -17,6 +17,7 @@ lost broker, not a lost lock, and out of this test's scope; see docs/design-note
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +46,8 @@ STARTED = "tenant.provisioning.started"
 @pytest.fixture
 def private_redis(workdir: Path) -> Iterator[PrivateRedis]:
     if not rabbitmq_available():
+        if os.environ.get("CI"):  # CI starts RabbitMQ (.ci/run): its absence is a failure
+            pytest.fail("needs RabbitMQ on 127.0.0.1:5672 (the broker that outlives Redis)")
         pytest.skip("needs RabbitMQ on 127.0.0.1:5672 (the broker that outlives Redis)")
     server = PrivateRedis(workdir, "restart-redis").start()
     yield server

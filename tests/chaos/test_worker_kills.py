@@ -103,6 +103,8 @@ def fast_forward_visibility_timeout(broker_url: str) -> int:
 def broker(request: pytest.FixtureRequest, workdir: Path) -> Iterator[tuple[str, str]]:
     if request.param == "rabbitmq":
         if not rabbitmq_available():
+            if os.environ.get("CI"):  # CI starts RabbitMQ (.ci/run): its absence is a failure
+                pytest.fail("RabbitMQ is not running on 127.0.0.1:5672")
             pytest.skip("RabbitMQ is not running on 127.0.0.1:5672")
         yield "rabbitmq", fresh_rabbitmq_broker()
         return

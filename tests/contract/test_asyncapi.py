@@ -660,10 +660,7 @@ def test_a_rejection_without_a_slug_validates() -> None:
         "reason": "malformed",
         "message": "body is not valid JSON",
     }
-    try:
-        event = publish(EventType.COMMAND_REJECTED, None, data)
-    except Exception as exc:  # the builder refuses: nothing is published, so nothing to check
-        pytest.skip(f"build_event cannot make a rejection without a subject: {exc}")
+    event = publish(EventType.COMMAND_REJECTED, None, data)
     assert "subject" not in event
     validate_event(event)
 

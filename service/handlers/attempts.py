@@ -23,7 +23,7 @@ from service.db.engine import unit_of_work
 from service.db.models import Attempt, StepRun, Tenant
 from service.dispatch import AttemptRef
 from service.handlers.answers import Outcome, Request, locked_message
-from service.handlers.deps import HandlerDeps
+from service.handlers.deps import UseCase
 from service.locks import LockToken
 from service.outbox import PendingEvents
 from service.providers.base import StepContext
@@ -32,17 +32,7 @@ from service.saga_runner import attempt_event_data
 log = structlog.get_logger(__name__)
 
 
-class AttemptStarter:
-    def __init__(self, deps: HandlerDeps) -> None:
-        self._engine = deps.engine
-        self._settings = deps.settings
-        self._locks = deps.locks
-        self._relay = deps.relay
-        self._providers = deps.providers
-        self._dispatcher = deps.dispatcher
-        self._runner = deps.runner
-        self._book = deps.book
-
+class AttemptStarter(UseCase):
     # --- create ---
     def create(self, request: Request, *, plan: str, admin_email: str | None = None) -> Outcome:
         if (seen := self._book.duplicate(request)) is not None:

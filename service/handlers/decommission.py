@@ -19,23 +19,12 @@ from service.db.engine import unit_of_work
 from service.db.models import Decommission
 from service.dispatch import DecommissionRef
 from service.handlers.answers import Outcome, Request, locked_message
-from service.handlers.deps import HandlerDeps
+from service.handlers.deps import UseCase
 from service.locks import LockToken
 from service.outbox import PendingEvents
 
 
-class DecommissionTenant:
-    def __init__(self, deps: HandlerDeps) -> None:
-        self._engine = deps.engine
-        self._settings = deps.settings
-        self._locks = deps.locks
-        self._relay = deps.relay
-        self._providers = deps.providers
-        self._dispatcher = deps.dispatcher
-        self._runner = deps.runner
-        self._book = deps.book
-
-    # --- decommission ---
+class DecommissionTenant(UseCase):
     def __call__(self, request: Request) -> Outcome:
         if (seen := self._book.duplicate(request)) is not None:
             return seen

@@ -25,3 +25,17 @@ class HandlerDeps:
     dispatcher: SagaDispatcher
     runner: SagaRunner
     book: CommandBook
+
+
+class UseCase:
+    """A use case's access to the shared adapters."""
+
+    def __init__(self, deps: HandlerDeps) -> None:
+        self._engine = deps.engine
+        self._settings = deps.settings
+        self._locks = deps.locks
+        self._relay = deps.relay
+        self._providers = deps.providers
+        self._dispatcher = deps.dispatcher
+        self._runner = deps.runner
+        self._book = deps.book

@@ -15,22 +15,11 @@ from service import metrics
 from service import repository as repo
 from service.db.engine import unit_of_work
 from service.handlers.answers import Outcome, Request
-from service.handlers.deps import HandlerDeps
+from service.handlers.deps import UseCase
 from service.outbox import PendingEvents
 
 
-class ResetTenant:
-    def __init__(self, deps: HandlerDeps) -> None:
-        self._engine = deps.engine
-        self._settings = deps.settings
-        self._locks = deps.locks
-        self._relay = deps.relay
-        self._providers = deps.providers
-        self._dispatcher = deps.dispatcher
-        self._runner = deps.runner
-        self._book = deps.book
-
-    # --- reset ---
+class ResetTenant(UseCase):
     def __call__(self, request: Request) -> Outcome:
         if (seen := self._book.duplicate(request)) is not None:
             return seen

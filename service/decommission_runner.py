@@ -19,9 +19,9 @@ from service.dispatch import DecommissionRef
 from service.faults import FaultPlans
 from service.locks import LockToken, TenantLocks
 from service.outbox import PendingEvents
-from service.providers.base import Provider, StepContext
+from service.providers.base import Provider
 from service.relay import OutboxRelay
-from service.saga_runner import RetryLater, StepDone, backoff_delay, token_of
+from service.saga_runner import RetryLater, StepDone, backoff_delay, step_context, token_of
 
 log = structlog.get_logger(__name__)
 
@@ -68,15 +68,7 @@ class DecommissionRunner:
                 done.tries += 1
             session.add(done)
             output = repo.latest_outputs(session, tenant.id).get(step, {})
-            ctx = StepContext(
-                tenant_id=tenant.id,
-                slug=tenant.slug,
-                plan=tenant.plan,
-                admin_email=tenant.admin_email,
-                attempt_number=0,
-                data_dir=self._settings.data_dir,
-                console_url=self._settings.console_url_for(tenant.slug),
-            )
+            ctx = step_context(tenant, self._settings)
             tries = done.tries
             token = token_of(run.lock_token)
         if token is not None:

@@ -69,6 +69,26 @@ def attempt_event_data(tenant: Tenant, attempt: Attempt, **extra: object) -> dic
     }
 
 
+def step_context(
+    tenant: Tenant,
+    settings: Settings,
+    *,
+    attempt_number: int = 0,
+    outputs: Mapping[str, dict[str, Any]] | None = None,
+) -> StepContext:
+    """What a provider is told about the tenant (attempt 0: outside any attempt)."""
+    return StepContext(
+        tenant_id=tenant.id,
+        slug=tenant.slug,
+        plan=tenant.plan,
+        admin_email=tenant.admin_email,
+        attempt_number=attempt_number,
+        data_dir=settings.data_dir,
+        console_url=settings.console_url_for(tenant.slug),
+        outputs=outputs if outputs is not None else {},
+    )
+
+
 def token_of(raw: str | None) -> LockToken | None:
     return LockToken.decode(raw) if raw else None
 
@@ -388,15 +408,11 @@ class SagaRunner:
         _raise_if_fenced(number, attempt_epoch, attempt_state, ref.slug, tenant_epoch)
 
     def _context(self, session: Session, tenant: Tenant, attempt: Attempt) -> StepContext:
-        return StepContext(
-            tenant_id=tenant.id,
-            slug=tenant.slug,
-            plan=tenant.plan,
-            admin_email=tenant.admin_email,
+        # Outputs are read only if a provider asks (check_readiness does), not in every step.
+        return step_context(
+            tenant,
+            self._settings,
             attempt_number=attempt.number,
-            data_dir=self._settings.data_dir,
-            console_url=self._settings.console_url_for(tenant.slug),
-            # Read only if a provider asks (check_readiness does), not in every step.
             outputs=LazyOutputs(self._engine, tenant.id),
         )
 

@@ -26,8 +26,7 @@ from service.handlers.answers import Outcome, Request, locked_message
 from service.handlers.deps import UseCase
 from service.locks import LockToken
 from service.outbox import PendingEvents
-from service.providers.base import StepContext
-from service.saga_runner import attempt_event_data
+from service.saga_runner import attempt_event_data, step_context
 
 log = structlog.get_logger(__name__)
 
@@ -232,16 +231,8 @@ class AttemptStarter(UseCase):
 
     # --- helpers ---
     def _resume_plan(self, tenant: Tenant, made: dict[str, Made]) -> ResumePlan:
-        ctx = StepContext(
-            tenant_id=tenant.id,
-            slug=tenant.slug,
-            plan=tenant.plan,
-            admin_email=tenant.admin_email,
-            attempt_number=0,
-            data_dir=self._settings.data_dir,
-            console_url=self._settings.console_url_for(tenant.slug),
-            outputs={step: dict(m.output) for step, m in made.items()},
-        )
+        outputs = {step: dict(m.output) for step, m in made.items()}
+        ctx = step_context(tenant, self._settings, outputs=outputs)
 
         def still_exists(step: str, output: Any) -> bool:
             try:

@@ -34,6 +34,38 @@ SAGA_QUEUE = "provisioner.saga"
 # would be handed to a second worker.
 VISIBILITY_TIMEOUT_S = 3600
 
+# --- Celery workers on the Redis broker: who holds which delivered step ---
+# kombu's Redis transport keeps a delivered, unacknowledged message in one hash until it is
+# acknowledged, and hands it out again only after VISIBILITY_TIMEOUT_S: a worker SIGKILLed
+# mid-step would strand its steps for an hour. So every worker process (an "incarnation": a node
+# name and a random token, new at each start) keeps its deliveries under keys of its own and holds
+# a lease it renews; once the lease lapses, the process is dead and any live worker hands its
+# deliveries out again (service/worker_leases.py). RabbitMQ does this itself when the
+# connection closes.
+WORKER_REGISTRY_KEY = "provisioner:workers"
+# The lease lapses this long after the process stopped renewing it: the longest time a dead
+# worker's steps wait. A live worker renews it from a thread of its own every
+# WORKER_LEASE_RENEW_S; only a process frozen for longer than the lease (SIGSTOP, a paused VM)
+# would have its deliveries handed out while it still holds them.
+WORKER_LEASE_TTL_MS = 15_000
+WORKER_LEASE_RENEW_S = 3.0
+# One live worker at a time restores a dead incarnation's deliveries.
+WORKER_SWEEP_MUTEX_MS = 30_000
+
+
+def worker_key(incarnation: str, part: str) -> str:
+    return f"provisioner:worker:{incarnation}:{part}"
+
+
+def worker_transport_options(incarnation: str) -> dict[str, object]:
+    return {
+        "visibility_timeout": VISIBILITY_TIMEOUT_S,
+        "unacked_key": worker_key(incarnation, "unacked"),
+        "unacked_index_key": worker_key(incarnation, "unacked_index"),
+        "unacked_mutex_key": worker_key(incarnation, "unacked_mutex"),
+    }
+
+
 # --- outbox relay ---
 RELAY_POLL_S = 1.0
 # Rows younger than this are left to the process that wrote them (it publishes right after

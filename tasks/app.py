@@ -9,10 +9,12 @@ from celery.signals import worker_process_init
 
 from config.celery import celery_config
 from config.settings import get_settings
+from tasks.worker_lease import WorkerLease
 
 app = Celery("provisioner")
 app.config_from_object(celery_config(get_settings()))
 app.conf.include = ["tasks.steps"]
+app.steps["worker"].add(WorkerLease)
 
 
 @worker_process_init.connect

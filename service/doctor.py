@@ -35,6 +35,7 @@ from service.db.engine import make_engine
 from service.db.migrate import current_revision, head_revision
 from service.db.models import Attempt, Decommission, OutboxEvent, StepRun, Tenant
 from service.locks import LockToken
+from service.worker_leases import WorkerLeases, is_redis_broker
 
 TIMEOUT_S = 5.0
 # An unpublished outbox row older than this was not published by the process that wrote it (it
@@ -117,6 +118,8 @@ class Doctor:
                 yield Finding("broker", True, f"connected ({transport})")
                 for queue, consumer in QUEUES:
                     yield self._queue(connection, queue, consumer)
+            if is_redis_broker(url):
+                yield self._workers(url)
         except Exception as exc:
             yield Finding(
                 "broker",
@@ -147,7 +150,7 @@ class Doctor:
         if on_redis:
             details["consumers"] = None  # the Redis transport cannot tell
             if queue == SAGA_QUEUE:
-                details["unacked"] = self._redis_unacked(connection)
+                details["unacked"] = self._redis_unacked()
         else:
             details["consumers"] = consumers
         summary = (
@@ -174,15 +177,48 @@ class Doctor:
             )
         return Finding(name, True, summary, None, details)
 
-    @staticmethod
-    def _redis_unacked(connection: Connection) -> int | None:
-        """Celery's delivered-but-unacknowledged steps (running, waiting out a retry countdown,
-        or stranded by a killed worker until the visibility timeout)."""
+    def _redis_unacked(self) -> int | None:
+        """Steps delivered and not yet acknowledged, over every worker (running, waiting out a
+        retry countdown, or held by a dead worker until its lease lapses)."""
         try:
-            channel = connection.default_channel
-            return int(channel.client.hlen(channel.unacked_key))
+            leases = WorkerLeases(self._settings.broker_url)
+            try:
+                return sum(i.unacked for i in leases.incarnations())
+            finally:
+                leases.close()
         except Exception:
             return None
+
+    @staticmethod
+    def _workers(url: str) -> Finding:
+        """Redis broker: the workers' leases, and steps a dead worker still holds."""
+        leases = WorkerLeases(url)
+        try:
+            found = leases.incarnations()
+        except Exception as exc:
+            return Finding("workers", False, f"cannot read the leases: {_error(exc)}")
+        finally:
+            leases.close()
+        alive = [i for i in found if i.alive]
+        dead = [i for i in found if not i.alive and i.unacked]
+        summary = f"{len(alive)} worker(s) holding a lease"
+        details: dict[str, Any] = {
+            "alive": [i.name for i in alive],
+            "dead_holding_steps": {i.name: i.unacked for i in dead},
+        }
+        if dead and not alive:
+            held = sum(i.unacked for i in dead)
+            return Finding(
+                "workers",
+                False,
+                f"{summary}; {held} step(s) held by dead worker(s) wait for a live one",
+                "start `provisioner worker`: it hands the dead workers' steps out again",
+                details,
+            )
+        if dead:
+            # A live worker sweeps every WORKER_LEASE_RENEW_S: this clears itself in seconds.
+            summary += f"; {len(dead)} dead worker(s)' steps are being handed out again"
+        return Finding("workers", True, summary, None, details)
 
     # --- Redis: locks and fault plans ---
     def redis(self) -> Iterator[Finding]:

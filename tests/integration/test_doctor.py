@@ -24,7 +24,7 @@ from redis import Redis
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
-from config.keys import AUDIT_QUEUE
+from config.keys import AUDIT_QUEUE, SAGA_QUEUE, worker_key
 from config.settings import Settings, load_settings
 from sagas.messages import CommandType, EventType
 from sagas.states import AttemptState, TenantState
@@ -38,8 +38,10 @@ from service.handlers import Request
 from service.locks import LockToken
 from service.outbox import PendingEvents
 from service.publisher import Publisher
+from service.worker_leases import WorkerLeases, new_incarnation
 from tests.support.commands import command_body
 from tests.support.environment import postgres_schema_url, rabbitmq_vhost_url
+from tests.support.leases import deliver_and_die
 from tests.support.private_redis import PrivateRedis
 
 pytestmark = pytest.mark.integration
@@ -291,3 +293,35 @@ def test_an_empty_database_and_a_dead_broker(tmp_path: Path, deployment: Deploym
     assert "provisioner list" in (found["migrations"].fix or "")
     assert "redis" not in found
     assert found["outbox"].summary.startswith("not checked")
+
+
+def test_steps_held_by_a_dead_worker_on_redis(workdir: Path, deployment: Deployment) -> None:
+    """Redis broker: a dead worker's steps are a problem until a live worker hands them out."""
+    private = PrivateRedis(workdir, "doctor-leases").start()
+    try:
+        settings = deployment.settings.model_copy(update={"broker_url": private.url(3)})
+        broker = settings.broker_url
+        dead = new_incarnation("doctor-dead@host")
+        leases = WorkerLeases(broker)
+        leases.register(dead)
+        deliver_and_die(broker, dead, SAGA_QUEUE, "a step")
+        assert {f.check: f for f in Doctor(settings).examine()}["workers"].ok  # lease still on
+
+        Redis.from_url(broker).delete(worker_key(dead, "lease"))  # lapsed: the process is gone
+        found = problems(Doctor(settings).examine())
+        assert "1 step(s) held by dead worker(s)" in found["workers"].summary
+        assert found["workers"].fix == (
+            "start `provisioner worker`: it hands the dead workers' steps out again"
+        )
+        assert found["workers"].details["dead_holding_steps"] == {dead: 1}
+
+        # What a live worker's lease thread does: the step is back in the queue.
+        live = new_incarnation("doctor-live@host")
+        leases.register(live)
+        assert leases.sweep(own=live) == {dead: 1}
+        findings = {f.check: f for f in Doctor(settings).examine()}
+        assert findings["workers"].ok, findings["workers"]
+        assert findings["queue provisioner.saga"].details["messages"] == 1
+        leases.close()
+    finally:
+        private.stop()

@@ -8,10 +8,7 @@ SIGKILLed mid-step and its saga finishing with no operator, is in tests/chaos/te
 
 from __future__ import annotations
 
-import signal
 import socket
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 
@@ -26,6 +23,7 @@ from service.faults import FaultMode
 from service.handlers import Request
 from service.worker_leases import WorkerLeases, is_redis_broker, new_incarnation
 from tests.support.events import EventTap, new_slug, settled
+from tests.support.leases import deliver_and_die
 from tests.support.stack import wait_until
 from tests.support.workers import WorkerGroup
 
@@ -36,31 +34,10 @@ pytestmark = pytest.mark.integration
 def broker(services: Container) -> Iterator[str]:
     url = services.settings.redis_url
     yield url
-    client = Redis.from_url(url)
+    client = Redis.from_url(url, decode_responses=True)
     for name in client.smembers(WORKER_REGISTRY_KEY):
-        if name.decode().startswith("lease-test"):
+        if str(name).startswith("lease-test"):
             client.srem(WORKER_REGISTRY_KEY, name)
-
-
-TAKE_AND_DIE = """
-import json, os, signal, sys
-from kombu import Connection
-from config.keys import worker_transport_options
-broker, incarnation, queue, body = sys.argv[1:5]
-conn = Connection(broker, transport_options=worker_transport_options(incarnation))
-box = conn.SimpleQueue(queue)
-box.put({"body": body})
-box.get(timeout=5)
-os.kill(os.getpid(), signal.SIGKILL)
-"""
-
-
-def deliver_and_die(broker: str, incarnation: str, queue: str, body: str) -> None:
-    """What a worker killed mid-step leaves: a delivery under its own keys, never acked."""
-    done = subprocess.run(
-        [sys.executable, "-c", TAKE_AND_DIE, broker, incarnation, queue, body], timeout=60
-    )
-    assert done.returncode == -signal.SIGKILL
 
 
 def take(broker: str, queue: str) -> Message:
@@ -132,10 +109,9 @@ def test_the_saga_worker_keeps_its_deliveries_under_its_own_lease(
     broker = services.settings.broker_url
     if not is_redis_broker(broker):
         # RabbitMQ requeues a dead consumer's deliveries itself: the workers take no lease.
-        names = Redis.from_url(services.settings.redis_url).smembers(WORKER_REGISTRY_KEY)
-        nodes = [n.split("@")[0] for n in worker.node_names]
-        assert not [n for n in names if any(n.decode().startswith(node) for node in nodes)]
+        assert "worker.lease_taken" not in worker.log_text()
         return
+    assert worker.log_text().count("worker.lease_taken") == len(worker.node_names)
     nodes = [n.replace("%h", socket.gethostname()) for n in worker.node_names]
     leases = WorkerLeases(broker)
     ours = [i for i in leases.incarnations() if i.name.split("~")[0] in nodes]

@@ -66,6 +66,17 @@ def worker_transport_options(incarnation: str) -> dict[str, object]:
     }
 
 
+# --- every consumer on the Redis broker (service/reliable_redis.py) ---
+# A message moved into its queue's processing list by a consumer that died before recording the
+# delivery is put back on the queue after this long; a live consumer's stays there for
+# microseconds.
+PROCESSING_STALE_S = 5.0
+
+
+def processing_key(queue: str) -> str:
+    return f"provisioner:processing:{queue}"
+
+
 # --- outbox relay ---
 RELAY_POLL_S = 1.0
 # Rows younger than this are left to the process that wrote them (it publishes right after

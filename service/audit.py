@@ -32,6 +32,7 @@ from service.db.models import AuditEvent, DeadLetter
 from service.dead_letters import dead_letter_of
 from service.events import read_event
 from service.publisher import AUDIT_QUEUE_DECL, EVENTS
+from service.reliable_redis import consumer_connection
 
 log = structlog.get_logger(__name__)
 
@@ -218,9 +219,9 @@ class AuditConsumer:
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                with Connection(
+                with consumer_connection(
                     self._broker_url,
-                    transport_options={
+                    {
                         **consumer_transport_options("audit"),
                         "visibility_timeout": self._redeliver_after_s,
                     },

@@ -15,7 +15,7 @@ from dataclasses import astuple
 from typing import Any
 
 import structlog
-from kombu import Connection, Consumer, Message
+from kombu import Consumer, Message
 
 from config.keys import consumer_transport_options
 from sagas.errors import MalformedCommand
@@ -23,6 +23,7 @@ from sagas.messages import Command, CommandType, Salvage, parse_command, salvage
 from service.dead_letters import dead_letter_of
 from service.handlers import Handlers, Outcome, Request
 from service.publisher import COMMANDS_QUEUE_DECL, EVENTS
+from service.reliable_redis import consumer_connection
 
 log = structlog.get_logger(__name__)
 
@@ -143,8 +144,8 @@ class CommandListener:
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                with Connection(
-                    self._broker_url, transport_options=consumer_transport_options("listener")
+                with consumer_connection(
+                    self._broker_url, consumer_transport_options("listener")
                 ) as connection:
                     channel = connection.default_channel
                     EVENTS.bind(channel).declare()

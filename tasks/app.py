@@ -9,11 +9,15 @@ from celery.signals import worker_process_init
 
 from config.celery import celery_config
 from config.settings import get_settings
+from service.reliable_redis import transport_for
 from tasks.worker_lease import WorkerLease
 
 app = Celery("provisioner")
 app.config_from_object(celery_config(get_settings()))
 app.conf.include = ["tasks.steps"]
+# On Redis, workers take steps with BLMOVE, not BRPOP: a worker killed at the moment it is handed
+# a step cannot lose it (service/reliable_redis.py).
+app.conf.broker_transport = transport_for(str(app.conf.broker_url or ""))
 app.steps["worker"].add(WorkerLease)
 
 

@@ -15,7 +15,6 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,7 @@ from tests.support.outcome import (
     outcomes,
     settled,
 )
-from tests.support.private_redis import PrivateRedis
-from tests.support.stack import Stack, fresh_rabbitmq_broker, rabbitmq_available, wait_until
+from tests.support.stack import Stack, wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
 
@@ -71,22 +69,6 @@ def task_slug(task: dict[str, Any]) -> str | None:
     if isinstance(kwargs, str):  # some Celery versions report a repr
         kwargs = json.loads(kwargs.replace("'", '"'))
     return kwargs.get("slug") if isinstance(kwargs, dict) else None
-
-
-@pytest.fixture(params=["redis", "rabbitmq"])
-def broker(request: pytest.FixtureRequest, workdir: Path) -> Iterator[tuple[str, str]]:
-    if request.param == "rabbitmq":
-        if not rabbitmq_available():
-            if os.environ.get("CI"):  # CI starts RabbitMQ (.ci/run): its absence is a failure
-                pytest.fail("RabbitMQ is not running on 127.0.0.1:5672")
-            pytest.skip("RabbitMQ is not running on 127.0.0.1:5672")
-        yield "rabbitmq", fresh_rabbitmq_broker()
-        return
-    private = PrivateRedis(workdir, "kills-broker").start()
-    try:
-        yield "redis", private.url(0)
-    finally:
-        private.stop()
 
 
 def kill_mid_step(stack: Stack, number: int, rng: random.Random, figures: Figures) -> bool:

@@ -193,8 +193,8 @@ class LeaseKeeper:
                     log.error(
                         "worker.lease_lapsed",
                         incarnation=self._incarnation,
-                        hint="this process was frozen longer than the lease; steps it held "
-                        "may have been handed to another worker",
+                        hint="this process was frozen longer than the lease, or Redis lost its "
+                        "keys (a restart); steps it held may have been handed to another worker",
                     )
                 self._leases.sweep(own=self._incarnation)
             except Exception as exc:

@@ -28,6 +28,7 @@ from config.keys import (
     LOCK_TTL_MS,
     RELAY_GRACE_S,
     SAGA_QUEUE,
+    processing_key,
 )
 from config.settings import Settings
 from sagas.states import TenantState
@@ -120,6 +121,7 @@ class Doctor:
                     yield self._queue(connection, queue, consumer)
             if is_redis_broker(url):
                 yield self._workers(url)
+                yield self._unreadable(url)
         except Exception as exc:
             yield Finding(
                 "broker",
@@ -219,6 +221,31 @@ class Doctor:
             # A live worker sweeps every WORKER_LEASE_RENEW_S: this clears itself in seconds.
             summary += f"; {len(dead)} dead worker(s)' steps are being handed out again"
         return Finding("workers", True, summary, None, details)
+
+    @staticmethod
+    def _unreadable(url: str) -> Finding:
+        """Redis broker: raw entries on a queue's list that are no kombu message, set aside by
+        service/reliable_redis.py (kept, never put back)."""
+        keys = [f"{processing_key(queue)}:unreadable" for queue, _ in QUEUES]
+        client = Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
+        try:
+            sizes = {key: int(client.llen(key)) for key in keys}
+        except Exception as exc:
+            return Finding("unreadable messages", False, f"cannot read: {_error(exc)}")
+        finally:
+            client.close()
+        found = {key: size for key, size in sizes.items() if size}
+        if not found:
+            return Finding("unreadable messages", True, "none set aside")
+        where = ", ".join(f"{size} in {key}" for key, size in found.items())
+        return Finding(
+            "unreadable messages",
+            False,
+            f"set aside, not kombu messages: {where}",
+            "read them with `redis-cli LRANGE <key> 0 -1`, find who pushes raw data onto the "
+            "queue, then `redis-cli DEL <key>`",
+            {"keys": found},
+        )
 
     # --- Redis: locks and fault plans ---
     def redis(self) -> Iterator[Finding]:

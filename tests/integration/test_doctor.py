@@ -24,7 +24,7 @@ from redis import Redis
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
-from config.keys import AUDIT_QUEUE, SAGA_QUEUE, worker_key
+from config.keys import AUDIT_QUEUE, COMMANDS_QUEUE, SAGA_QUEUE, processing_key, worker_key
 from config.settings import Settings, load_settings
 from sagas.messages import CommandType, EventType
 from sagas.states import AttemptState, TenantState
@@ -322,6 +322,14 @@ def test_steps_held_by_a_dead_worker_on_redis(workdir: Path, deployment: Deploym
         findings = {f.check: f for f in Doctor(settings).examine()}
         assert findings["workers"].ok, findings["workers"]
         assert findings["queue provisioner.saga"].details["messages"] == 1
+        assert findings["unreadable messages"].ok
         leases.close()
+
+        # Raw bytes pushed onto a queue are set aside by the consumer; the doctor names them.
+        unreadable = f"{processing_key(COMMANDS_QUEUE)}:unreadable"
+        Redis.from_url(broker).rpush(unreadable, b"\xffjunk")
+        found = problems(Doctor(settings).examine())
+        assert found["unreadable messages"].details["keys"] == {unreadable: 1}
+        assert "redis-cli LRANGE" in (found["unreadable messages"].fix or "")
     finally:
         private.stop()

@@ -62,6 +62,13 @@ def refuse_nul(command: Command) -> None:
         raise MalformedCommand("a field contains a NUL character (\\u0000)")
 
 
+def _redelivered(message: Message) -> bool:
+    # RabbitMQ sets it on a redelivery; kombu's Redis transport when it restores a message.
+    info = message.delivery_info or {}
+    headers = message.headers or {}
+    return bool(info.get("redelivered") or headers.get("redelivered"))
+
+
 def storable(seen: Salvage) -> Salvage:
     """What was salvaged from a malformed command, fit for the database (NUL replaced)."""
     return Salvage(*(None if value is None else _without_nul(value) for value in astuple(seen)))
@@ -86,12 +93,19 @@ class CommandListener:
             except MalformedCommand as exc:
                 seen = storable(salvage(body))
                 error = _without_nul(str(exc))
+                kept = dead_letter_of(body, content_type, error, "listener")
+                if _redelivered(message) and self._handlers.dead_letter_kept(kept):
+                    # Kept and answered before a crash kept it from being acknowledged: a
+                    # malformed command has no id to dedupe on, its bytes are what we have.
+                    log.info("listener.malformed_redelivery_ignored", slug=seen.slug)
+                    message.ack()
+                    return
                 outcome = self._handlers.reject_malformed(
                     command_id=seen.command_id,
                     command_type=seen.command_type,
                     slug=seen.slug,
                     message=error,
-                    dead_letter=dead_letter_of(body, content_type, error, "listener"),
+                    dead_letter=kept,
                 )
             else:
                 outcome = handle_command(self._handlers, command)

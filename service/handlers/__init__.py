@@ -79,3 +79,6 @@ class Handlers:
             message=message,
             dead_letter=dead_letter,
         )
+
+    def dead_letter_kept(self, dead_letter: DeadLetter) -> bool:
+        return self._book.dead_letter_kept(dead_letter)

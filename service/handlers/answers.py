@@ -10,7 +10,7 @@ from typing import Any
 import structlog
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from sagas.errors import CommandRejected
 from sagas.messages import CommandType, EventType
@@ -180,3 +180,16 @@ class CommandBook:
             record=command_id is not None,
             extra_rows=[dead_letter],
         )
+
+    def dead_letter_kept(self, dead_letter: DeadLetter) -> bool:
+        """Whether this very message is kept already (a redelivery after a crash between the
+        commit that kept and answered it and the broker's acknowledgement)."""
+        with Session(self._engine) as session:
+            found = session.exec(
+                select(DeadLetter.id)
+                .where(DeadLetter.source == dead_letter.source)
+                .where(DeadLetter.body == dead_letter.body)
+                .where(DeadLetter.body_encoding == dead_letter.body_encoding)
+                .limit(1)
+            ).first()
+        return found is not None

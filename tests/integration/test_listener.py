@@ -204,3 +204,52 @@ def _wait(predicate: object, timeout: float = 20.0) -> None:
             return
         time.sleep(0.1)
     raise AssertionError("timed out")
+
+
+def test_a_malformed_command_redelivered_after_a_crash_is_not_answered_twice(
+    services: Container,
+    worker: ServiceProcess,
+    listener: ServiceProcess,
+    tap: EventTap,
+    publisher: Publisher,
+) -> None:
+    marker = new_slug("redeliv")
+    raw = json.dumps({"specversion": "1.0", "data": {"slug": marker}, "oops": True}).encode()
+    producer = publisher._producer()
+
+    def publish(**headers: object) -> None:
+        producer.publish(
+            raw,
+            exchange="tenant.commands",
+            routing_key="tenant.garbage",
+            content_type="application/json",
+            content_encoding="binary",
+            headers=headers,
+        )
+
+    def answers() -> int:
+        return sum(
+            1
+            for e in tap.events
+            if e["type"] == "tenant.command.rejected" and marker in json.dumps(e["data"])
+        )
+
+    def kept() -> int:
+        with Session(services.engine) as session:
+            rows = session.exec(select(DeadLetter).where(DeadLetter.source == "listener")).all()
+        return sum(_decoded(row) == raw for row in rows)
+
+    publish()
+    _wait(lambda: answers() == 1 and kept() == 1)
+    # What the broker hands back when the listener died after its commit, before its ack: the
+    # same bytes, marked redelivered (RabbitMQ's flag; kombu's Redis restore sets the header).
+    publish(redelivered=True)
+    # The listener reads its queue in order: once a later command is answered, so was that one.
+    after = new_slug("redeliv-after")
+    send(publisher, PROVISION, after, plan="free")
+    tap.wait_for_type(after, "tenant.provisioning.started")
+    assert answers() == 1
+    assert kept() == 1
+    # The same bytes sent again, not redelivered, are a new message: kept and answered.
+    publish()
+    _wait(lambda: answers() == 2 and kept() == 2)

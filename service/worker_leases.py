@@ -173,6 +173,15 @@ class LeaseKeeper:
         self._thread = threading.Thread(
             target=self._run, name="provisioner-worker-lease", daemon=True
         )
+        # The worker forks pool processes while this thread runs. A fork in the middle of a
+        # round would leave the child with a lock the thread held (structlog's write lock, the
+        # Redis pool's) and no thread to release it: so no fork happens mid-round.
+        self._round = threading.Lock()
+        os.register_at_fork(
+            before=self._round.acquire,
+            after_in_parent=self._round.release,
+            after_in_child=self._round.release,
+        )
 
     @property
     def incarnation(self) -> str:
@@ -186,18 +195,22 @@ class LeaseKeeper:
         self._stop.set()
 
     def _run(self) -> None:
-        # The lease must outlive every hiccup: a failure is logged and the next round tries again.
         while True:
-            try:
-                if not self._leases.renew(self._incarnation):
-                    log.error(
-                        "worker.lease_lapsed",
-                        incarnation=self._incarnation,
-                        hint="this process was frozen longer than the lease, or Redis lost its "
-                        "keys (a restart); steps it held may have been handed to another worker",
-                    )
-                self._leases.sweep(own=self._incarnation)
-            except Exception as exc:
-                log.warning("worker.lease_round_failed", error=str(exc))
+            with self._round:
+                self._one_round()
             if self._stop.wait(self._every_s):
                 return
+
+    def _one_round(self) -> None:
+        # The lease must outlive every hiccup: a failure is logged and the next round tries again.
+        try:
+            if not self._leases.renew(self._incarnation):
+                log.error(
+                    "worker.lease_lapsed",
+                    incarnation=self._incarnation,
+                    hint="this process was frozen longer than the lease, or Redis lost its "
+                    "keys (a restart); steps it held may have been handed to another worker",
+                )
+            self._leases.sweep(own=self._incarnation)
+        except Exception as exc:
+            log.warning("worker.lease_round_failed", error=str(exc))

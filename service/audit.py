@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -82,18 +82,13 @@ def audit_row(event: dict[str, Any], received_at: datetime) -> dict[str, Any]:
     }
 
 
-def insert_ignoring_duplicates(engine: Engine, rows: Sequence[dict[str, Any]]) -> Insert:
-    """``INSERT … ON CONFLICT (event_id) DO NOTHING`` in the engine's dialect."""
+def insert_ignoring_duplicates(engine: Engine) -> Insert:
+    """``INSERT … ON CONFLICT (event_id) DO NOTHING`` in the engine's dialect, executed with the
+    rows as parameters: one statement compiled once (SQLAlchemy caches it), not a multi-row
+    ``VALUES`` compiled anew for every batch size."""
     table: Table = AuditEvent.__table__  # type: ignore[attr-defined]
-    if engine.dialect.name == "postgresql":
-        return (
-            postgresql.insert(table)
-            .values(list(rows))
-            .on_conflict_do_nothing(index_elements=["event_id"])
-        )
-    return (
-        sqlite.insert(table).values(list(rows)).on_conflict_do_nothing(index_elements=["event_id"])
-    )
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table).on_conflict_do_nothing(index_elements=["event_id"])
 
 
 class Parsed(NamedTuple):
@@ -168,8 +163,7 @@ class AuditConsumer:
             for message in batch:
                 message.requeue()
             raise StoreFailed(str(exc)) from exc
-        for message in batch:
-            message.ack()
+        _ack_all(batch)
         self.stored += len(rows) - refused
         self.dead_lettered += len(dead) + refused
         times = [p.row["time"] for p in rows.values() if p.row["time"] is not None]
@@ -192,7 +186,7 @@ class AuditConsumer:
             with unit_of_work(self._engine) as session:
                 if parsed:
                     rows = [p.row for p in parsed]
-                    session.execute(insert_ignoring_duplicates(self._engine, rows))
+                    session.execute(insert_ignoring_duplicates(self._engine), rows)
                 session.add_all(dead)
             return 0
         except (DataError, IntegrityError):
@@ -207,7 +201,7 @@ class AuditConsumer:
         for p in parsed:
             try:
                 with unit_of_work(self._engine) as session:
-                    session.execute(insert_ignoring_duplicates(self._engine, [p.row]))
+                    session.execute(insert_ignoring_duplicates(self._engine), [p.row])
             except (DataError, IntegrityError) as exc:
                 error = f"refused by the database: {getattr(exc, 'orig', exc)}"
                 refused.append(dead_letter_of(p.body, p.content_type, error, DEAD_LETTER_SOURCE))
@@ -269,6 +263,22 @@ class AuditConsumer:
             stop.wait(self._backoff_s)
         else:
             self._backoff_s = 0.0
+
+
+def _ack_all(batch: list[Message]) -> None:
+    """Acknowledge a stored batch in one round trip where the transport allows it."""
+    channel = batch[-1].channel
+    ack_many = getattr(channel.qos, "ack_many", None)
+    if ack_many is not None:  # service/reliable_redis.py
+        ack_many([message.delivery_tag for message in batch])
+        return
+    if channel.connection.client.transport.driver_type == "amqp":
+        # The batch is every delivery not yet acknowledged on this channel, in delivery order:
+        # one basic.ack with `multiple` covers it.
+        batch[-1].ack(multiple=True)
+        return
+    for message in batch:
+        message.ack()
 
 
 def _body_of(message: Message) -> bytes:

@@ -87,8 +87,9 @@ def insert_ignoring_duplicates(engine: Engine) -> Insert:
     rows as parameters: one statement compiled once (SQLAlchemy caches it), not a multi-row
     ``VALUES`` compiled anew for every batch size."""
     table: Table = AuditEvent.__table__  # type: ignore[attr-defined]
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table).on_conflict_do_nothing(index_elements=["event_id"])
+    if engine.dialect.name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=["event_id"])
+    return sqlite.insert(table).on_conflict_do_nothing(index_elements=["event_id"])
 
 
 class Parsed(NamedTuple):
@@ -119,6 +120,7 @@ class AuditConsumer:
         self._redeliver_after_s = redeliver_after_s
         self._clock = clock
         self._pending: list[Message] = []
+        self._amqp = False
         self._first_at = 0.0
         self._backoff_s = 0.0
         self.stored = 0
@@ -163,7 +165,7 @@ class AuditConsumer:
             for message in batch:
                 message.requeue()
             raise StoreFailed(str(exc)) from exc
-        _ack_all(batch)
+        _ack_all(batch, amqp=self._amqp)
         self.stored += len(rows) - refused
         self.dead_lettered += len(dead) + refused
         times = [p.row["time"] for p in rows.values() if p.row["time"] is not None]
@@ -235,6 +237,7 @@ class AuditConsumer:
         queue.declare()
         # Messages of a lost connection come back from the broker; never ack them on a new one.
         self._pending = []
+        self._amqp = connection.transport.driver_type == "amqp"
         with Consumer(
             channel,
             queues=[queue],
@@ -265,20 +268,18 @@ class AuditConsumer:
             self._backoff_s = 0.0
 
 
-def _ack_all(batch: list[Message]) -> None:
+def _ack_all(batch: list[Message], *, amqp: bool) -> None:
     """Acknowledge a stored batch in one round trip where the transport allows it."""
-    channel = batch[-1].channel
-    ack_many = getattr(channel.qos, "ack_many", None)
+    ack_many = getattr(batch[-1].channel.qos, "ack_many", None) if not amqp else None
     if ack_many is not None:  # service/reliable_redis.py
         ack_many([message.delivery_tag for message in batch])
-        return
-    if channel.connection.client.transport.driver_type == "amqp":
+    elif amqp:
         # The batch is every delivery not yet acknowledged on this channel, in delivery order:
         # one basic.ack with `multiple` covers it.
         batch[-1].ack(multiple=True)
-        return
-    for message in batch:
-        message.ack()
+    else:
+        for message in batch:
+            message.ack()
 
 
 def _body_of(message: Message) -> bytes:

@@ -170,6 +170,10 @@ def test_a_tenant_story_is_audited_once_and_explained(
     assert_store_matches_bus(services, tap, slug)
     events = feed.all_events(services.engine, slug)
     assert [e["id"] for e in events] == [e["id"] for e in tap.of(slug)]
+    # Stored and acknowledged: a batch whose acknowledgement failed would drop the connection
+    # and come back from the broker, stored again for nothing.
+    assert audit.current is not None
+    assert "audit.connection_lost" not in audit.current.log_text()
 
     # --follow printed attempt 2 as it was stored, and exited 0 when it completed
     assert follow.returncode == 0, follow_err

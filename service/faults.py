@@ -132,20 +132,22 @@ class FaultPlans:
         raw = self._consume(keys=[FAULT_PLANS_KEY], args=[step, tenant])
         return FaultPlan.from_json(cast(bytes, raw)) if raw else None
 
-    def apply(self, step: str, tenant: str, *, while_hanging: Callable[[], None]) -> None:
-        """Raise or block as the matching plan says; do nothing when no plan matches.
+    def apply(self, step: str, tenant: str, *, while_hanging: Callable[[], None]) -> bool:
+        """Raise or block as the matching plan says; do nothing when no plan matches. True when
+        the step was held by a hang (the world may have moved on meanwhile).
 
         ``while_hanging`` runs at every poll of a hang (the step renews its lock there), so a
         stuck step looks stuck, not dead, until an operator resets it.
         """
         plan = self.take(step, tenant)
         if plan is None:
-            return
+            return False
         if plan.mode is FaultMode.ERROR:
             raise TransientUpstreamError(f"injected fault: {step} upstream unavailable")
         if plan.mode is FaultMode.FATAL:
             raise FatalUpstreamError(f"injected fault: {step} upstream refused the request")
         self._hang(plan, while_hanging)
+        return True
 
     def _hang(self, plan: FaultPlan, while_hanging: Callable[[], None]) -> None:
         deadline = self._clock() + HANG_LIMIT_S

@@ -23,17 +23,21 @@ from sagas import rules
 from sagas.errors import AttemptFenced, StepError, StepFailedForGood, TransientUpstreamError
 from sagas.messages import EventType
 from sagas.states import AttemptState, StepStatus, TenantState, move
-from sagas.steps import STEPS
+from sagas.steps import STEPS, next_step
 from service import metrics, tracing
 from service import repository as repo
 from service.db.engine import unit_of_work
-from service.db.models import Attempt, StepRun, Tenant
+from service.db.models import Attempt, Tenant
 from service.dispatch import AttemptRef
 from service.faults import FaultPlans
 from service.locks import LockToken, TenantLocks
 from service.outbox import PendingEvents
 from service.providers.base import Provider, StepContext
 from service.relay import OutboxRelay
+from service.step_runs import announce, read_pickup
+
+# Re-exported: the handlers and the contract tests build attempt events with it.
+from service.step_runs import attempt_event_data as attempt_event_data
 
 log = structlog.get_logger(__name__)
 
@@ -51,22 +55,16 @@ class RetryLater:
     countdown: float
 
 
+# What a step runs with once picked up: the provider's context, the lock token, the try number.
+_Begun = tuple[StepContext, "LockToken | None", int]
+
+
 def backoff_delay(
     base_s: float, failed_try: int, rand: Callable[[], float] = random.random
 ) -> float:
     """``base * 2**(try-1)``, jittered by +-20 % so that a burst of failures spreads out."""
     delay: float = base_s * 2.0 ** (failed_try - 1) * (0.8 + 0.4 * rand())
     return round(delay, 3)
-
-
-def attempt_event_data(tenant: Tenant, attempt: Attempt, **extra: object) -> dict[str, object]:
-    return {
-        "tenant_id": tenant.id,
-        "slug": tenant.slug,
-        "state": tenant.state,
-        "attempt_number": attempt.number,
-        **extra,
-    }
 
 
 def step_context(
@@ -112,42 +110,19 @@ class SagaRunner:
         self._relay = relay
 
     # --- the step ---
-    def run_step(self, ref: AttemptRef, step: str) -> StepDone | RetryLater:
+    def run_step(
+        self, ref: AttemptRef, step: str, *, first_delivery: bool = False
+    ) -> StepDone | RetryLater:
+        """Run one step. ``first_delivery``: this is the task message's first delivery of the
+        step's first try (not redelivered, not a retry), so a ``running`` row found for it is
+        the announcement of the step, not an earlier try that died."""
         tracing.annotate_step(ref, step)
-        events = PendingEvents()
-        with unit_of_work(self._engine) as session:
-            tenant, attempt = self._fenced(session, ref)
-            run = repo.step_run(session, attempt.id, step)
-            if run is not None and run.status == StepStatus.COMPLETED:
-                # A redelivered step that already finished: let the chain go on.
-                return StepDone(dict(run.output))
-            if run is not None and run.status == StepStatus.FAILED:
-                # Redelivered after it failed for good but before the errback ran: fail again.
-                raise StepFailedForGood(
-                    step, run.error_type or "Error", run.error_message or "", run.tries
-                )
-            if run is None:
-                run = StepRun(
-                    attempt_id=attempt.id,
-                    tenant_id=tenant.id,
-                    step=step,
-                    status=StepStatus.RUNNING,
-                    tries=1,
-                )
-                session.add(run)
-                events.add(
-                    session,
-                    EventType.STEP_STARTED,
-                    tenant.slug,
-                    attempt_event_data(tenant, attempt, step=step),
-                )
-            else:
-                run.tries += 1
-                session.add(run)
-            ctx = self._context(session, tenant, attempt)
-            token = token_of(attempt.lock_token)
-            tries = run.tries
-        self._relay.publish_now(events.rows)
+        begun = self._pick_up(ref, step) if first_delivery else None
+        if begun is None:
+            begun = self._start_in_transaction(ref, step)
+        if isinstance(begun, StepDone):
+            return begun
+        ctx, token, tries = begun
         started = time.monotonic()
 
         # Just past the fence check: we may retake a lock that vanished (Redis restart). The
@@ -165,8 +140,8 @@ class SagaRunner:
                 last_renewal = time.monotonic()
 
         try:
-            self._faults.apply(step, ref.slug, while_hanging=keep_lock)
-            self._check_fence(ref)  # a hang may have outlived a reset: make nothing after it
+            if self._faults.apply(step, ref.slug, while_hanging=keep_lock):
+                self._check_fence(ref)  # the hang may have outlived a reset: make nothing after it
             output = self._providers[step].run(ctx)
         except AttemptFenced:
             raise
@@ -179,6 +154,71 @@ class SagaRunner:
             return self._step_failed(ref, step, tries, wrapped, error_type=type(exc).__name__)
         return self._step_completed(ref, step, output, time.monotonic() - started)
 
+    # --- picking a step up ---
+    def _pick_up(self, ref: AttemptRef, step: str) -> _Begun | StepDone | None:
+        """The step as the previous step's completion announced it, read without a write:
+        None when there is no row to run on (a chain sent before steps were announced)."""
+        found = read_pickup(self._engine, ref, step)
+        if found is None:
+            raise AttemptFenced(f"attempt {ref.attempt_id} does not exist")
+        _raise_if_fenced(
+            found.attempt_number,
+            found.attempt_epoch,
+            found.attempt_state,
+            found.slug,
+            found.tenant_epoch,
+        )
+        if found.run_status is None:
+            return None
+        if found.run_status == StepStatus.COMPLETED:
+            return StepDone(found.run_output)
+        if found.run_status == StepStatus.FAILED:
+            raise StepFailedForGood(
+                step,
+                found.run_error_type or "Error",
+                found.run_error_message or "",
+                found.run_tries,
+            )
+        ctx = StepContext(
+            tenant_id=found.tenant_id,
+            slug=found.slug,
+            plan=found.plan,
+            admin_email=found.admin_email,
+            attempt_number=found.attempt_number,
+            data_dir=self._settings.data_dir,
+            console_url=self._settings.console_url_for(found.slug),
+            outputs=LazyOutputs(self._engine, found.tenant_id),
+        )
+        return ctx, token_of(found.lock_token), found.run_tries
+
+    def _start_in_transaction(self, ref: AttemptRef, step: str) -> _Begun | StepDone:
+        """A redelivery or an automatic retry: count the try in the database (it survives the
+        worker), announcing the step if nothing did."""
+        events = PendingEvents()
+        with unit_of_work(self._engine) as session:
+            tenant, attempt = self._fenced(session, ref)
+            run = repo.step_run(session, attempt.id, step)
+            if run is not None and run.status == StepStatus.COMPLETED:
+                # A redelivered step that already finished: let the chain go on.
+                return StepDone(dict(run.output))
+            if run is not None and run.status == StepStatus.FAILED:
+                # Redelivered after it failed for good but before the errback ran: fail again.
+                raise StepFailedForGood(
+                    step, run.error_type or "Error", run.error_message or "", run.tries
+                )
+            if run is None:
+                run = announce(session, events, tenant, attempt, step)
+            else:
+                run.tries += 1
+                session.add(run)
+            begun = (
+                self._context(session, tenant, attempt),
+                token_of(attempt.lock_token),
+                run.tries,
+            )
+        self._relay.publish_now(events.rows)
+        return begun
+
     def _step_completed(
         self, ref: AttemptRef, step: str, output: dict[str, object], elapsed_s: float
     ) -> StepDone:
@@ -187,6 +227,10 @@ class SagaRunner:
             tenant, attempt = self._fenced(session, ref)
             run = repo.step_run(session, attempt.id, step)
             assert run is not None
+            if run.status == StepStatus.COMPLETED:
+                # A second run of the step (a duplicate message) finished after the first: the
+                # first one completed it and announced the next step.
+                return StepDone(dict(run.output))
             now = datetime.now(UTC)
             run.status = StepStatus.COMPLETED
             run.output = dict(output)
@@ -209,7 +253,10 @@ class SagaRunner:
                     tenant, attempt, step=step, duration_ms=run.duration_ms, output=dict(output)
                 ),
             )
-            if step == FINAL_STEP:
+            following = next_step(step)
+            if following is not None:
+                announce(session, events, tenant, attempt, following)
+            else:
                 started = attempt.started_at.replace(tzinfo=attempt.started_at.tzinfo or UTC)
                 events.add(
                     session,

@@ -37,13 +37,20 @@ def _bind_log_context(**values: Any) -> None:
     structlog.contextvars.bind_contextvars(**values)
 
 
+def _first_delivery(task: Task) -> bool:
+    """The message's first delivery of the step's first try. A redelivered message (a worker
+    lost mid-step, a warm shutdown's reserved messages) or an automatic retry counts a try."""
+    delivery_info = task.request.delivery_info or {}
+    return not task.request.retries and not delivery_info.get("redelivered", False)
+
+
 def _make_step_task(step: str) -> Task:
     @app.task(name=f"{STEP_TASK_PREFIX}{step}", **TASK_OPTIONS)
     def step_task(self: Task, *, slug: str, attempt_number: int, attempt_id: str) -> dict[str, Any]:
         _bind_log_context(slug=slug, attempt_number=attempt_number, step=step)
         ref = AttemptRef(slug=slug, attempt_number=attempt_number, attempt_id=attempt_id)
         try:
-            outcome = container().runner.run_step(ref, step)
+            outcome = container().runner.run_step(ref, step, first_delivery=_first_delivery(self))
         except AttemptFenced as fenced:
             # A reset (or a newer run) superseded this attempt: write nothing, stop the chain.
             log.info("step.fenced", reason=str(fenced))

@@ -26,7 +26,8 @@ from service.handlers.answers import Outcome, Request, locked_message
 from service.handlers.deps import UseCase
 from service.locks import LockToken
 from service.outbox import PendingEvents
-from service.saga_runner import attempt_event_data, step_context
+from service.saga_runner import step_context
+from service.step_runs import announce, attempt_event_data
 
 log = structlog.get_logger(__name__)
 
@@ -87,6 +88,9 @@ class AttemptStarter(UseCase):
                         requested_by=request.requested_by,
                     ),
                 )
+                # The first step is announced with the attempt (each later one with the
+                # completion of the step before it: service/step_runs.py).
+                announce(session, events, tenant, attempt, STEPS[0])
         except IntegrityError:
             if (seen := self._book.duplicate(request)) is not None:
                 return seen
@@ -206,6 +210,7 @@ class AttemptStarter(UseCase):
                         current.slug,
                         attempt_event_data(current, attempt, step=step, reused_from_attempt=origin),
                     )
+                announce(session, events, current, attempt, plan.resumed_from)
         except CommandRejected as rejected:
             self._locks.release(request.slug, token)
             return self._book.reject(request, rejected)

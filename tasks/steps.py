@@ -11,10 +11,11 @@ from typing import Any
 import structlog
 from celery import Task
 from celery.exceptions import Ignore
+from celery.signals import worker_process_shutdown
 
 from sagas.errors import AttemptFenced
 from sagas.steps import COMPENSATED, STEPS
-from service.bootstrap import container
+from service.bootstrap import built_container, container
 from service.dispatch import AttemptRef, DecommissionRef
 from service.saga_runner import RetryLater
 from tasks.app import app
@@ -127,3 +128,11 @@ def fail_decommission(
     step = getattr(exc, "step", None) or _step_of(request, COMPENSATE_TASK_PREFIX)
     ref = DecommissionRef(slug=slug, decommission_id=decommission_id)
     return container().decommissions.fail(ref, step, exc)
+
+
+@worker_process_shutdown.connect
+def _mark_published_before_exit(**_: Any) -> None:
+    # A pool process leaves through os._exit: atexit handlers do not run there.
+    built = built_container()
+    if built is not None:
+        built.relay.flush_marks()

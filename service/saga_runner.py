@@ -23,7 +23,7 @@ from sagas import rules
 from sagas.errors import AttemptFenced, StepError, StepFailedForGood, TransientUpstreamError
 from sagas.messages import EventType
 from sagas.states import AttemptState, StepStatus, TenantState, move
-from sagas.steps import STEPS, next_step
+from sagas.steps import STEPS
 from service import metrics, tracing
 from service import repository as repo
 from service.db.engine import unit_of_work
@@ -34,6 +34,7 @@ from service.locks import LockToken, TenantLocks
 from service.outbox import PendingEvents
 from service.providers.base import Provider, StepContext
 from service.relay import OutboxRelay
+from service.step_completion import StepCompletion
 from service.step_runs import announce, read_pickup
 
 # Re-exported: the handlers and the contract tests build attempt events with it.
@@ -108,6 +109,7 @@ class SagaRunner:
         self._locks = locks
         self._faults = faults
         self._relay = relay
+        self._completion = StepCompletion(engine, settings)
 
     # --- the step ---
     def run_step(
@@ -222,63 +224,20 @@ class SagaRunner:
     def _step_completed(
         self, ref: AttemptRef, step: str, output: dict[str, object], elapsed_s: float
     ) -> StepDone:
-        events = PendingEvents()
-        with unit_of_work(self._engine) as session:
-            tenant, attempt = self._fenced(session, ref)
-            run = repo.step_run(session, attempt.id, step)
-            assert run is not None
-            if run.status == StepStatus.COMPLETED:
-                # A second run of the step (a duplicate message) finished after the first: the
-                # first one completed it and announced the next step.
-                return StepDone(dict(run.output))
-            now = datetime.now(UTC)
-            run.status = StepStatus.COMPLETED
-            run.output = dict(output)
-            run.ended_at = now
-            run.duration_ms = int(elapsed_s * 1000)
-            session.add(run)
-            if step == FINAL_STEP:
-                tenant.state = move(tenant, TenantState.ACTIVE)
-                tenant.failure_reason = None
-                tenant.updated_at = now
-                attempt.state = AttemptState.SUCCEEDED
-                attempt.ended_at = now
-                session.add(tenant)
-                session.add(attempt)
-            events.add(
-                session,
-                EventType.STEP_COMPLETED,
-                tenant.slug,
-                attempt_event_data(
-                    tenant, attempt, step=step, duration_ms=run.duration_ms, output=dict(output)
-                ),
-            )
-            following = next_step(step)
-            if following is not None:
-                announce(session, events, tenant, attempt, following)
-            else:
-                started = attempt.started_at.replace(tzinfo=attempt.started_at.tzinfo or UTC)
-                events.add(
-                    session,
-                    EventType.COMPLETED,
-                    tenant.slug,
-                    attempt_event_data(
-                        tenant,
-                        attempt,
-                        admin_console_url=self._settings.console_url_for(tenant.slug),
-                        duration_ms=int((now - started).total_seconds() * 1000),
-                    ),
-                )
-            token = token_of(attempt.lock_token)
+        done = self._completion.complete(ref, step, dict(output), int(elapsed_s * 1000))
+        if not done.rows:
+            return StepDone(done.output)
+        token = token_of(done.lock_token)
         # Lock first, then events: whoever reacts to `completed` must find the tenant free.
-        if step == FINAL_STEP and token is not None:
+        if done.final and token is not None:
             self._locks.release_after_commit(ref.slug, token)
         metrics.step_completed(step, elapsed_s)
-        if step == FINAL_STEP:
+        if done.final and done.attempt_started_at is not None:
+            started = done.attempt_started_at.replace(tzinfo=done.attempt_started_at.tzinfo or UTC)
             metrics.attempt_ended("completed")
-            tracing.attempt_ended(ref, "completed", started, now)
-        self._relay.publish_now(events.rows)
-        return StepDone(dict(output))
+            tracing.attempt_ended(ref, "completed", started, done.now)
+        self._relay.publish_now(done.rows)
+        return StepDone(done.output)
 
     def _step_failed(
         self, ref: AttemptRef, step: str, tries: int, exc: StepError, error_type: str | None = None
@@ -424,7 +383,7 @@ class SagaRunner:
     # --- helpers ---
     def _fenced(self, session: Session, ref: AttemptRef) -> tuple[Tenant, Attempt]:
         """Load attempt and tenant, holding the tenant's row; raise if the attempt is fenced."""
-        # One query for both (it runs in every transaction of every step); FOR UPDATE OF the
+        # One query for both (a retried or failing step, the errback); FOR UPDATE OF the
         # tenant is the row lock repo.lock_tenant takes on PostgreSQL.
         found = session.exec(
             select(Attempt, Tenant)

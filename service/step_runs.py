@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, and_, select
+from sqlalchemy import Engine, and_, bindparam, select
 from sqlmodel import Session, col
 
 from sagas.messages import EventType
@@ -74,35 +74,38 @@ class Pickup:
     run_error_message: str | None
 
 
+# Built once (building it cost more than running it from the compiled cache).
+_PICKUP = (
+    select(
+        col(Attempt.number),
+        col(Attempt.epoch),
+        col(Attempt.state),
+        col(Attempt.lock_token),
+        col(Tenant.epoch),
+        col(Tenant.id),
+        col(Tenant.slug),
+        col(Tenant.plan),
+        col(Tenant.admin_email),
+        col(Tenant.state),
+        col(StepRun.status),
+        col(StepRun.tries),
+        col(StepRun.output),
+        col(StepRun.error_type),
+        col(StepRun.error_message),
+    )
+    .join(Tenant, col(Tenant.id) == col(Attempt.tenant_id))
+    .outerjoin(
+        StepRun,
+        and_(col(StepRun.attempt_id) == col(Attempt.id), col(StepRun.step) == bindparam("step")),
+    )
+    .where(col(Attempt.id) == bindparam("attempt_id"))
+)
+
+
 def read_pickup(engine: Engine, ref: AttemptRef, step: str) -> Pickup | None:
     """One read, no write lock (SQLite readers do not wait for writers in WAL mode)."""
-    query = (
-        select(
-            col(Attempt.number),
-            col(Attempt.epoch),
-            col(Attempt.state),
-            col(Attempt.lock_token),
-            col(Tenant.epoch),
-            col(Tenant.id),
-            col(Tenant.slug),
-            col(Tenant.plan),
-            col(Tenant.admin_email),
-            col(Tenant.state),
-            col(StepRun.status),
-            col(StepRun.tries),
-            col(StepRun.output),
-            col(StepRun.error_type),
-            col(StepRun.error_message),
-        )
-        .join(Tenant, col(Tenant.id) == col(Attempt.tenant_id))
-        .outerjoin(
-            StepRun,
-            and_(col(StepRun.attempt_id) == col(Attempt.id), col(StepRun.step) == step),
-        )
-        .where(col(Attempt.id) == ref.attempt_id)
-    )
     with engine.connect() as connection:
-        row = connection.execute(query).first()
+        row = connection.execute(_PICKUP, {"step": step, "attempt_id": ref.attempt_id}).first()
     if row is None:
         return None
     return Pickup(

@@ -32,6 +32,7 @@ from service.dispatch import AttemptRef
 from service.faults import FaultPlans
 from service.locks import LockToken, TenantLocks
 from service.outbox import PendingEvents
+from service.preflight import StepPreflight
 from service.providers.base import Provider, StepContext
 from service.relay import OutboxRelay
 from service.step_completion import StepCompletion
@@ -110,6 +111,7 @@ class SagaRunner:
         self._faults = faults
         self._relay = relay
         self._completion = StepCompletion(engine, settings)
+        self._preflight = StepPreflight(locks, faults)
 
     # --- the step ---
     def run_step(
@@ -127,10 +129,6 @@ class SagaRunner:
         ctx, token, tries = begun
         started = time.monotonic()
 
-        # Just past the fence check: we may retake a lock that vanished (Redis restart). The
-        # lock only guards; if Redis does not answer right now, the DB fence has decided: go on.
-        if token is not None and not self._locks.retake_after_fence_check(ref.slug, token):
-            log.warning("lock.held_by_other", slug=ref.slug, attempt=ref.attempt_number)
         last_renewal = time.monotonic()
 
         def keep_lock() -> None:
@@ -142,7 +140,11 @@ class SagaRunner:
                 last_renewal = time.monotonic()
 
         try:
-            if self._faults.apply(step, ref.slug, while_hanging=keep_lock):
+            # Just past the fence check: we may retake a lock that vanished (Redis restart). The
+            # lock only guards; if Redis does not answer, the DB fence has decided: go on. In the
+            # same round trip, the step's fault plan (a Redis that does not answer fails the try).
+            plan = self._preflight.run(ref.slug, step, token)
+            if self._faults.enact(plan, step, while_hanging=keep_lock):
                 self._check_fence(ref)  # the hang may have outlived a reset: make nothing after it
             output = self._providers[step].run(ctx)
         except AttemptFenced:

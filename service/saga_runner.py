@@ -23,7 +23,6 @@ from sagas import rules
 from sagas.errors import AttemptFenced, StepError, StepFailedForGood, TransientUpstreamError
 from sagas.messages import EventType
 from sagas.states import AttemptState, StepStatus, TenantState, move
-from sagas.steps import STEPS
 from service import metrics, tracing
 from service import repository as repo
 from service.db.engine import unit_of_work
@@ -43,7 +42,6 @@ from service.step_runs import attempt_event_data as attempt_event_data
 
 log = structlog.get_logger(__name__)
 
-FINAL_STEP = STEPS[-1]
 LOCK_RENEW_EVERY_S = 5.0
 
 
@@ -127,9 +125,7 @@ class SagaRunner:
         if isinstance(begun, StepDone):
             return begun
         ctx, token, tries = begun
-        started = time.monotonic()
-
-        last_renewal = time.monotonic()
+        started = last_renewal = time.monotonic()
 
         def keep_lock() -> None:
             # While a step hangs: renew, never retake. A reset deletes the lock, and a hung

@@ -9,6 +9,7 @@ instead. Needs ``py-spy`` (``pip install py-spy``) and the right to ptrace (root
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import signal
 import subprocess
@@ -31,8 +32,11 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     ("commit (flush + COMMIT)", "do_commit"),
     ("lock and fault-plan calls (Redis)", "TenantLocks."),
     ("lock and fault-plan calls (Redis)", "FaultPlans."),
+    ("lock and fault-plan calls (Redis)", "StepPreflight.run"),
     ("marking outbox rows published", "OutboxRelay._mark"),
     ("reading earlier outputs", "latest_outputs"),
+    ("the step's pick-up read (fence + step_run)", "read_pickup"),
+    ("the completion's statements (fence, step_run, outbox)", "StepCompletion.complete"),
     ("fence queries", "SagaRunner._fenced"),
     ("fence queries", "SagaRunner._check_fence"),
     ("step_run query", "step_run (service/repository"),
@@ -41,7 +45,18 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
 IN_STEP = ("step_task", "noop (bench/bare_app.py")
 
 
+# The marking thread waiting for rows (a timed wait py-spy does not always see as idle).
+IDLE_BESIDE_STEP = re.compile(r"BatchedMarks\._run \([^)]*\);Condition\.wait")
+# Threads of the worker's pool that run beside the step, not in it.
+BESIDE_STEP: tuple[tuple[str, str], ...] = (
+    ("marking outbox rows published (background thread)", "BatchedMarks._run"),
+)
+
+
 def category(stack: str) -> str:
+    for name, frame in BESIDE_STEP:
+        if frame in stack:
+            return name
     if not any(mark in stack for mark in IN_STEP):
         return "Celery, kombu, billiard around the step"
     for name, frame in CATEGORIES:
@@ -57,7 +72,7 @@ def summarise(collapsed: Path, top: Path) -> None:
     samples = 0
     for line in collapsed.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
-        if not stack:
+        if not stack or IDLE_BESIDE_STEP.search(stack):
             continue
         samples += int(count_text)
         totals[category(stack)] += int(count_text)

@@ -103,3 +103,12 @@ def consumer_transport_options(consumer: str) -> dict[str, object]:
         "unacked_mutex_expire": 5,
         "unacked_restore_throttle": 4,
     }
+
+
+# --- issue 6 (saga cost per step): marking published outbox rows off the step's path ---
+# A process marks the rows it published in one UPDATE at most this long after the first of them
+# was published; well under RELAY_GRACE_S, so the relay loop never republishes a row only
+# because its mark was still waiting.
+OUTBOX_MARK_DELAY_S = 0.1
+# More rows than this waiting are marked at once, without waiting out the delay.
+OUTBOX_MARK_BATCH = 200

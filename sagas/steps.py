@@ -37,3 +37,9 @@ def steps_from(step: str) -> tuple[str, ...]:
 def compensation_order(completed: set[str] | frozenset[str]) -> list[str]:
     """Compensations of the completed steps, last made first undone (the slot is freed last)."""
     return [step for step in reversed(STEPS) if step in completed and step in COMPENSATED]
+
+
+def next_step(step: str) -> str | None:
+    """The step that runs after ``step`` in every chain (a chain is a suffix of STEPS)."""
+    index = step_index(step) + 1
+    return STEPS[index] if index < len(STEPS) else None

@@ -112,6 +112,12 @@ def container() -> Container:
         return _container
 
 
+def built_container() -> Container | None:
+    """The process's container if it was built (nothing to clean up otherwise)."""
+    with _lock:
+        return _container
+
+
 def forget_container() -> None:
     """Drop the container (a forked child must build its own connections)."""
     global _container

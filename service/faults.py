@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Any, cast
 
 from redis import Redis
+from redis.client import Pipeline
 
 from config.keys import FAULT_PLANS_KEY, HANG_LIMIT_S, HANG_POLL_S
 from sagas.errors import FatalUpstreamError, TransientUpstreamError
@@ -132,20 +133,40 @@ class FaultPlans:
         raw = self._consume(keys=[FAULT_PLANS_KEY], args=[step, tenant])
         return FaultPlan.from_json(cast(bytes, raw)) if raw else None
 
-    def apply(self, step: str, tenant: str, *, while_hanging: Callable[[], None]) -> None:
-        """Raise or block as the matching plan says; do nothing when no plan matches.
+    @property
+    def client(self) -> Redis:
+        return self._redis
+
+    def queue_take(self, pipe: Pipeline, step: str, tenant: str) -> None:
+        """``take``'s script, queued on a (non-transactional) pipeline; ``taken`` reads its
+        answer. A NOSCRIPT answer means it did not run: the caller calls ``take`` instead."""
+        pipe.evalsha(self._consume.sha, 1, FAULT_PLANS_KEY, step, tenant)
+
+    @staticmethod
+    def taken(answer: object) -> FaultPlan | None:
+        return FaultPlan.from_json(cast(bytes, answer)) if answer else None
+
+    def apply(self, step: str, tenant: str, *, while_hanging: Callable[[], None]) -> bool:
+        """Raise or block as the matching plan says; do nothing when no plan matches. True when
+        the step was held by a hang (the world may have moved on meanwhile).
 
         ``while_hanging`` runs at every poll of a hang (the step renews its lock there), so a
         stuck step looks stuck, not dead, until an operator resets it.
         """
-        plan = self.take(step, tenant)
+        return self.enact(self.take(step, tenant), step, while_hanging=while_hanging)
+
+    def enact(
+        self, plan: FaultPlan | None, step: str, *, while_hanging: Callable[[], None]
+    ) -> bool:
+        """``apply`` for a plan already taken."""
         if plan is None:
-            return
+            return False
         if plan.mode is FaultMode.ERROR:
             raise TransientUpstreamError(f"injected fault: {step} upstream unavailable")
         if plan.mode is FaultMode.FATAL:
             raise FatalUpstreamError(f"injected fault: {step} upstream refused the request")
         self._hang(plan, while_hanging)
+        return True
 
     def _hang(self, plan: FaultPlan, while_hanging: Callable[[], None]) -> None:
         deadline = self._clock() + HANG_LIMIT_S

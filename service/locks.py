@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import structlog
 from redis import Redis
+from redis.client import Pipeline
 from redis.exceptions import RedisError
 
 from config.keys import LOCK_TTL_MS, lock_key
@@ -79,6 +80,20 @@ class TenantLocks:
         self._ttl_ms = ttl_ms
         self._extend = redis.register_script(_EXTEND)
         self._release = redis.register_script(_RELEASE)
+
+    @property
+    def client(self) -> Redis:
+        return self._redis
+
+    def queue_retake(self, pipe: Pipeline, slug: str, token: LockToken) -> None:
+        """``retake_after_fence_check``'s script, queued on a pipeline (read its answer with
+        ``retaken``); the pipeline must not be transactional: a NOSCRIPT answer (a Redis that
+        restarted) means the script did not run, and the caller runs it again by itself."""
+        pipe.evalsha(self._extend.sha, 1, lock_key(slug), token.encode(), self._ttl_ms, "1")
+
+    @staticmethod
+    def retaken(answer: object) -> bool:
+        return int(cast(Any, answer)) != 0
 
     def acquire(self, slug: str, token: LockToken) -> bool:
         return bool(self._redis.set(lock_key(slug), token.encode(), nx=True, px=self._ttl_ms))

@@ -1,7 +1,9 @@
 """The outbox relay: publish committed events, then mark them sent.
 
 Publish-then-mark means a crash in between publishes an event twice, never zero times; the
-audit store and careful consumers dedup on the CloudEvent id.
+audit store and careful consumers dedup on the CloudEvent id. What a process publishes right
+after its commit is marked in batches a moment later (service/marks.py); the relay loop marks
+each batch it publishes at once.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sqlmodel import Session, col, select
 from config.keys import RELAY_GRACE_S, RELAY_POLL_S
 from service.db.engine import WRITE_OPTION
 from service.db.models import OutboxEvent
+from service.marks import BatchedMarks
 from service.publisher import Publisher
 
 log = structlog.get_logger(__name__)
@@ -30,9 +33,11 @@ class OutboxRelay:
         self._engine = engine
         self._publisher = publisher
         self._writer = engine.execution_options(**{WRITE_OPTION: True})
+        self._marks = BatchedMarks(self._mark)
 
     def publish_now(self, rows: Sequence[OutboxEvent]) -> None:
-        """Right after the commit that wrote ``rows``: publish them, in order, and mark them.
+        """Right after the commit that wrote ``rows``: publish them, in order; they are marked
+        a moment later, with other rows, off the caller's path (service/marks.py).
 
         A failure is logged, not raised: the rows stay unpublished and the relay loop sends
         them once the broker is back.
@@ -44,7 +49,11 @@ class OutboxRelay:
         except Exception as exc:
             log.warning("outbox.publish_deferred", error=str(exc), events=len(rows))
             return
-        self._mark([row.id for row in rows if row.id is not None])
+        self._marks.add(row.id for row in rows if row.id is not None)
+
+    def flush_marks(self) -> None:
+        """Mark, now, every row this process published and has not marked yet (at exit)."""
+        self._marks.stop()
 
     def drain(self, *, grace_s: float = RELAY_GRACE_S) -> int:
         """Publish every unpublished row older than ``grace_s``; return how many."""
@@ -93,8 +102,7 @@ class OutboxRelay:
     def _mark(self, ids: list[int]) -> None:
         if not ids:
             return
-        # Core, not a Session: this runs twice in every saga step, and an ORM unit of work
-        # costs twice as much for one UPDATE (docs/benchmarks.md).
+        # Core, not a Session: an ORM unit of work costs twice as much for one UPDATE.
         with self._writer.begin() as connection:
             connection.execute(
                 update(OutboxEvent)

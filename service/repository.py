@@ -122,11 +122,19 @@ def failure_of(attempt: Attempt | None) -> FailureFacts | None:
 def tenant_facts(session: Session, tenant: Tenant | None, *, lock_held: bool) -> TenantFacts | None:
     if tenant is None:
         return None
-    last = last_attempt(session, tenant.id)
+    # The last attempt and how many there are, in one query (a command's path, before it
+    # takes the write lock): the count is a window over the tenant's attempts.
+    found = session.exec(
+        select(col(Attempt.retryable), func.count().over())
+        .where(Attempt.tenant_id == tenant.id)
+        .order_by(col(Attempt.number).desc())
+        .limit(1)
+    ).first()
+    retryable, attempts = found if found is not None else (None, 0)
     return TenantFacts(
         slug=tenant.slug,
         state=TenantState(tenant.state),
-        attempts=attempt_count(session, tenant.id),
-        last_failure_retryable=last.retryable if last is not None else None,
+        attempts=int(attempts),
+        last_failure_retryable=retryable,
         lock_held=lock_held,
     )

@@ -23,21 +23,25 @@ from sagas import rules
 from sagas.errors import AttemptFenced, StepError, StepFailedForGood, TransientUpstreamError
 from sagas.messages import EventType
 from sagas.states import AttemptState, StepStatus, TenantState, move
-from sagas.steps import STEPS
 from service import metrics, tracing
 from service import repository as repo
 from service.db.engine import unit_of_work
-from service.db.models import Attempt, StepRun, Tenant
+from service.db.models import Attempt, Tenant
 from service.dispatch import AttemptRef
 from service.faults import FaultPlans
 from service.locks import LockToken, TenantLocks
 from service.outbox import PendingEvents
+from service.preflight import StepPreflight
 from service.providers.base import Provider, StepContext
 from service.relay import OutboxRelay
+from service.step_completion import StepCompletion
+from service.step_runs import announce, read_pickup
+
+# Re-exported: the handlers and the contract tests build attempt events with it.
+from service.step_runs import attempt_event_data as attempt_event_data
 
 log = structlog.get_logger(__name__)
 
-FINAL_STEP = STEPS[-1]
 LOCK_RENEW_EVERY_S = 5.0
 
 
@@ -51,22 +55,16 @@ class RetryLater:
     countdown: float
 
 
+# What a step runs with once picked up: the provider's context, the lock token, the try number.
+_Begun = tuple[StepContext, "LockToken | None", int]
+
+
 def backoff_delay(
     base_s: float, failed_try: int, rand: Callable[[], float] = random.random
 ) -> float:
     """``base * 2**(try-1)``, jittered by +-20 % so that a burst of failures spreads out."""
     delay: float = base_s * 2.0 ** (failed_try - 1) * (0.8 + 0.4 * rand())
     return round(delay, 3)
-
-
-def attempt_event_data(tenant: Tenant, attempt: Attempt, **extra: object) -> dict[str, object]:
-    return {
-        "tenant_id": tenant.id,
-        "slug": tenant.slug,
-        "state": tenant.state,
-        "attempt_number": attempt.number,
-        **extra,
-    }
 
 
 def step_context(
@@ -110,10 +108,92 @@ class SagaRunner:
         self._locks = locks
         self._faults = faults
         self._relay = relay
+        self._completion = StepCompletion(engine, settings)
+        self._preflight = StepPreflight(locks, faults)
 
     # --- the step ---
-    def run_step(self, ref: AttemptRef, step: str) -> StepDone | RetryLater:
+    def run_step(
+        self, ref: AttemptRef, step: str, *, first_delivery: bool = False
+    ) -> StepDone | RetryLater:
+        """Run one step. ``first_delivery``: this is the task message's first delivery of the
+        step's first try (not redelivered, not a retry), so a ``running`` row found for it is
+        the announcement of the step, not an earlier try that died."""
         tracing.annotate_step(ref, step)
+        begun = self._pick_up(ref, step) if first_delivery else None
+        if begun is None:
+            begun = self._start_in_transaction(ref, step)
+        if isinstance(begun, StepDone):
+            return begun
+        ctx, token, tries = begun
+        started = last_renewal = time.monotonic()
+
+        def keep_lock() -> None:
+            # While a step hangs: renew, never retake. A reset deletes the lock, and a hung
+            # step that put it back would refuse the operator's retry as `locked`.
+            nonlocal last_renewal
+            if token is not None and time.monotonic() - last_renewal >= LOCK_RENEW_EVERY_S:
+                self._locks.extend(ref.slug, token)
+                last_renewal = time.monotonic()
+
+        try:
+            # Just past the fence check: we may retake a lock that vanished (Redis restart). The
+            # lock only guards; if Redis does not answer, the DB fence has decided: go on. In the
+            # same round trip, the step's fault plan (a Redis that does not answer fails the try).
+            plan = self._preflight.run(ref.slug, step, token)
+            if self._faults.enact(plan, step, while_hanging=keep_lock):
+                self._check_fence(ref)  # the hang may have outlived a reset: make nothing after it
+            output = self._providers[step].run(ctx)
+        except AttemptFenced:
+            raise
+        except StepError as exc:
+            return self._step_failed(ref, step, tries, exc)
+        except Exception as exc:
+            # An unexpected error in a provider is treated as transient: retried, then failed.
+            log.exception("step.unexpected_error", step=step, slug=ref.slug)
+            wrapped = TransientUpstreamError(f"{type(exc).__name__}: {exc}")
+            return self._step_failed(ref, step, tries, wrapped, error_type=type(exc).__name__)
+        return self._step_completed(ref, step, output, time.monotonic() - started)
+
+    # --- picking a step up ---
+    def _pick_up(self, ref: AttemptRef, step: str) -> _Begun | StepDone | None:
+        """The step as the previous step's completion announced it, read without a write:
+        None when there is no row to run on (a chain sent before steps were announced)."""
+        found = read_pickup(self._engine, ref, step)
+        if found is None:
+            raise AttemptFenced(f"attempt {ref.attempt_id} does not exist")
+        _raise_if_fenced(
+            found.attempt_number,
+            found.attempt_epoch,
+            found.attempt_state,
+            found.slug,
+            found.tenant_epoch,
+        )
+        if found.run_status is None:
+            return None
+        if found.run_status == StepStatus.COMPLETED:
+            return StepDone(found.run_output)
+        if found.run_status == StepStatus.FAILED:
+            raise StepFailedForGood(
+                step,
+                found.run_error_type or "Error",
+                found.run_error_message or "",
+                found.run_tries,
+            )
+        ctx = StepContext(
+            tenant_id=found.tenant_id,
+            slug=found.slug,
+            plan=found.plan,
+            admin_email=found.admin_email,
+            attempt_number=found.attempt_number,
+            data_dir=self._settings.data_dir,
+            console_url=self._settings.console_url_for(found.slug),
+            outputs=LazyOutputs(self._engine, found.tenant_id),
+        )
+        return ctx, token_of(found.lock_token), found.run_tries
+
+    def _start_in_transaction(self, ref: AttemptRef, step: str) -> _Begun | StepDone:
+        """A redelivery or an automatic retry: count the try in the database (it survives the
+        worker), announcing the step if nothing did."""
         events = PendingEvents()
         with unit_of_work(self._engine) as session:
             tenant, attempt = self._fenced(session, ref)
@@ -127,111 +207,35 @@ class SagaRunner:
                     step, run.error_type or "Error", run.error_message or "", run.tries
                 )
             if run is None:
-                run = StepRun(
-                    attempt_id=attempt.id,
-                    tenant_id=tenant.id,
-                    step=step,
-                    status=StepStatus.RUNNING,
-                    tries=1,
-                )
-                session.add(run)
-                events.add(
-                    session,
-                    EventType.STEP_STARTED,
-                    tenant.slug,
-                    attempt_event_data(tenant, attempt, step=step),
-                )
+                run = announce(session, events, tenant, attempt, step)
             else:
                 run.tries += 1
                 session.add(run)
-            ctx = self._context(session, tenant, attempt)
-            token = token_of(attempt.lock_token)
-            tries = run.tries
+            begun = (
+                self._context(session, tenant, attempt),
+                token_of(attempt.lock_token),
+                run.tries,
+            )
         self._relay.publish_now(events.rows)
-        started = time.monotonic()
-
-        # Just past the fence check: we may retake a lock that vanished (Redis restart). The
-        # lock only guards; if Redis does not answer right now, the DB fence has decided: go on.
-        if token is not None and not self._locks.retake_after_fence_check(ref.slug, token):
-            log.warning("lock.held_by_other", slug=ref.slug, attempt=ref.attempt_number)
-        last_renewal = time.monotonic()
-
-        def keep_lock() -> None:
-            # While a step hangs: renew, never retake. A reset deletes the lock, and a hung
-            # step that put it back would refuse the operator's retry as `locked`.
-            nonlocal last_renewal
-            if token is not None and time.monotonic() - last_renewal >= LOCK_RENEW_EVERY_S:
-                self._locks.extend(ref.slug, token)
-                last_renewal = time.monotonic()
-
-        try:
-            self._faults.apply(step, ref.slug, while_hanging=keep_lock)
-            self._check_fence(ref)  # a hang may have outlived a reset: make nothing after it
-            output = self._providers[step].run(ctx)
-        except AttemptFenced:
-            raise
-        except StepError as exc:
-            return self._step_failed(ref, step, tries, exc)
-        except Exception as exc:
-            # An unexpected error in a provider is treated as transient: retried, then failed.
-            log.exception("step.unexpected_error", step=step, slug=ref.slug)
-            wrapped = TransientUpstreamError(f"{type(exc).__name__}: {exc}")
-            return self._step_failed(ref, step, tries, wrapped, error_type=type(exc).__name__)
-        return self._step_completed(ref, step, output, time.monotonic() - started)
+        return begun
 
     def _step_completed(
         self, ref: AttemptRef, step: str, output: dict[str, object], elapsed_s: float
     ) -> StepDone:
-        events = PendingEvents()
-        with unit_of_work(self._engine) as session:
-            tenant, attempt = self._fenced(session, ref)
-            run = repo.step_run(session, attempt.id, step)
-            assert run is not None
-            now = datetime.now(UTC)
-            run.status = StepStatus.COMPLETED
-            run.output = dict(output)
-            run.ended_at = now
-            run.duration_ms = int(elapsed_s * 1000)
-            session.add(run)
-            if step == FINAL_STEP:
-                tenant.state = move(tenant, TenantState.ACTIVE)
-                tenant.failure_reason = None
-                tenant.updated_at = now
-                attempt.state = AttemptState.SUCCEEDED
-                attempt.ended_at = now
-                session.add(tenant)
-                session.add(attempt)
-            events.add(
-                session,
-                EventType.STEP_COMPLETED,
-                tenant.slug,
-                attempt_event_data(
-                    tenant, attempt, step=step, duration_ms=run.duration_ms, output=dict(output)
-                ),
-            )
-            if step == FINAL_STEP:
-                started = attempt.started_at.replace(tzinfo=attempt.started_at.tzinfo or UTC)
-                events.add(
-                    session,
-                    EventType.COMPLETED,
-                    tenant.slug,
-                    attempt_event_data(
-                        tenant,
-                        attempt,
-                        admin_console_url=self._settings.console_url_for(tenant.slug),
-                        duration_ms=int((now - started).total_seconds() * 1000),
-                    ),
-                )
-            token = token_of(attempt.lock_token)
+        done = self._completion.complete(ref, step, dict(output), int(elapsed_s * 1000))
+        if not done.rows:
+            return StepDone(done.output)
+        token = token_of(done.lock_token)
         # Lock first, then events: whoever reacts to `completed` must find the tenant free.
-        if step == FINAL_STEP and token is not None:
+        if done.final and token is not None:
             self._locks.release_after_commit(ref.slug, token)
         metrics.step_completed(step, elapsed_s)
-        if step == FINAL_STEP:
+        if done.final and done.attempt_started_at is not None:
+            started = done.attempt_started_at.replace(tzinfo=done.attempt_started_at.tzinfo or UTC)
             metrics.attempt_ended("completed")
-            tracing.attempt_ended(ref, "completed", started, now)
-        self._relay.publish_now(events.rows)
-        return StepDone(dict(output))
+            tracing.attempt_ended(ref, "completed", started, done.now)
+        self._relay.publish_now(done.rows)
+        return StepDone(done.output)
 
     def _step_failed(
         self, ref: AttemptRef, step: str, tries: int, exc: StepError, error_type: str | None = None
@@ -377,7 +381,7 @@ class SagaRunner:
     # --- helpers ---
     def _fenced(self, session: Session, ref: AttemptRef) -> tuple[Tenant, Attempt]:
         """Load attempt and tenant, holding the tenant's row; raise if the attempt is fenced."""
-        # One query for both (it runs in every transaction of every step); FOR UPDATE OF the
+        # One query for both (a retried or failing step, the errback); FOR UPDATE OF the
         # tenant is the row lock repo.lock_tenant takes on PostgreSQL.
         found = session.exec(
             select(Attempt, Tenant)

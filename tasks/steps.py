@@ -11,10 +11,11 @@ from typing import Any
 import structlog
 from celery import Task
 from celery.exceptions import Ignore
+from celery.signals import worker_process_shutdown
 
 from sagas.errors import AttemptFenced
 from sagas.steps import COMPENSATED, STEPS
-from service.bootstrap import container
+from service.bootstrap import built_container, container
 from service.dispatch import AttemptRef, DecommissionRef
 from service.saga_runner import RetryLater
 from tasks.app import app
@@ -37,13 +38,20 @@ def _bind_log_context(**values: Any) -> None:
     structlog.contextvars.bind_contextvars(**values)
 
 
+def _first_delivery(task: Task) -> bool:
+    """The message's first delivery of the step's first try. A redelivered message (a worker
+    lost mid-step, a warm shutdown's reserved messages) or an automatic retry counts a try."""
+    delivery_info = task.request.delivery_info or {}
+    return not task.request.retries and not delivery_info.get("redelivered", False)
+
+
 def _make_step_task(step: str) -> Task:
     @app.task(name=f"{STEP_TASK_PREFIX}{step}", **TASK_OPTIONS)
     def step_task(self: Task, *, slug: str, attempt_number: int, attempt_id: str) -> dict[str, Any]:
         _bind_log_context(slug=slug, attempt_number=attempt_number, step=step)
         ref = AttemptRef(slug=slug, attempt_number=attempt_number, attempt_id=attempt_id)
         try:
-            outcome = container().runner.run_step(ref, step)
+            outcome = container().runner.run_step(ref, step, first_delivery=_first_delivery(self))
         except AttemptFenced as fenced:
             # A reset (or a newer run) superseded this attempt: write nothing, stop the chain.
             log.info("step.fenced", reason=str(fenced))
@@ -120,3 +128,11 @@ def fail_decommission(
     step = getattr(exc, "step", None) or _step_of(request, COMPENSATE_TASK_PREFIX)
     ref = DecommissionRef(slug=slug, decommission_id=decommission_id)
     return container().decommissions.fail(ref, step, exc)
+
+
+@worker_process_shutdown.connect
+def _mark_published_before_exit(**_: Any) -> None:
+    # A pool process leaves through os._exit: atexit handlers do not run there.
+    built = built_container()
+    if built is not None:
+        built.relay.flush_marks()

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
@@ -26,7 +27,8 @@ from service.handlers.answers import Outcome, Request, locked_message
 from service.handlers.deps import UseCase
 from service.locks import LockToken
 from service.outbox import PendingEvents
-from service.saga_runner import attempt_event_data, step_context
+from service.saga_runner import step_context
+from service.step_runs import announce, attempt_event_data
 
 log = structlog.get_logger(__name__)
 
@@ -87,6 +89,9 @@ class AttemptStarter(UseCase):
                         requested_by=request.requested_by,
                     ),
                 )
+                # The first step is announced with the attempt (each later one with the
+                # completion of the step before it: service/step_runs.py).
+                announce(session, events, tenant, attempt, STEPS[0])
         except IntegrityError:
             if (seen := self._book.duplicate(request)) is not None:
                 return seen
@@ -139,7 +144,10 @@ class AttemptStarter(UseCase):
             return self._book.reject(
                 request, CommandRejected(Reason.LOCKED, locked_message(request.slug))
             )
-        events = PendingEvents()
+        number, now = facts.attempts + 1, datetime.now(UTC)
+        # Everything the transaction writes but the tenant's row is known now: the events are
+        # built and the step runs laid out before it takes the write lock.
+        events, runs = self._retry_writes(request, tenant, attempt_id, number, plan, made, now)
         try:
             with unit_of_work(self._engine) as session:
                 current = repo.lock_tenant(session, tenant.id)
@@ -153,59 +161,31 @@ class AttemptStarter(UseCase):
                         ),
                     )
                 session.add(self._book.processed(request, "accepted"))
-                number = facts.attempts + 1
                 current.epoch += 1
                 current.state = move(current, TenantState.PROVISIONING)
                 current.failure_reason = None
-                current.updated_at = datetime.now(UTC)
-                attempt = Attempt(
-                    id=attempt_id,
-                    tenant_id=current.id,
-                    number=number,
-                    epoch=current.epoch,
-                    trigger="retry",
-                    state=AttemptState.RUNNING,
-                    requested_by=request.requested_by,
-                    resumed_from=plan.resumed_from,
-                    reused_steps=plan.reused_steps,
-                    lock_token=token.encode(),
-                )
+                current.updated_at = now
                 session.add(current)
-                session.add(attempt)
-                session.flush()
-                events.add(
-                    session,
-                    EventType.STARTED,
-                    current.slug,
-                    attempt_event_data(
-                        current,
-                        attempt,
+                session.add(
+                    Attempt(
+                        id=attempt_id,
+                        tenant_id=current.id,
+                        number=number,
+                        epoch=current.epoch,
                         trigger="retry",
+                        state=AttemptState.RUNNING,
+                        requested_by=request.requested_by,
                         resumed_from=plan.resumed_from,
                         reused_steps=plan.reused_steps,
-                        requested_by=request.requested_by,
-                    ),
+                        lock_token=token.encode(),
+                        started_at=now,
+                    )
                 )
+                session.flush()
                 # `made` was read before this transaction; the epoch check above proves no step
                 # has completed since (steps complete only under the tenant's current epoch).
-                for step, origin in plan.reused:
-                    session.add(
-                        StepRun(
-                            attempt_id=attempt_id,
-                            tenant_id=current.id,
-                            step=step,
-                            status=StepStatus.SKIPPED,
-                            output=dict(made[step].output),
-                            reused_from_attempt=origin,
-                            ended_at=datetime.now(UTC),
-                        )
-                    )
-                    events.add(
-                        session,
-                        EventType.STEP_SKIPPED,
-                        current.slug,
-                        attempt_event_data(current, attempt, step=step, reused_from_attempt=origin),
-                    )
+                session.execute(insert(StepRun), runs)
+                events.write_prepared(session)
         except CommandRejected as rejected:
             self._locks.release(request.slug, token)
             return self._book.reject(request, rejected)
@@ -230,6 +210,45 @@ class AttemptStarter(UseCase):
         )
 
     # --- helpers ---
+    def _retry_writes(
+        self,
+        request: Request,
+        tenant: Tenant,
+        attempt_id: str,
+        number: int,
+        plan: ResumePlan,
+        made: dict[str, Made],
+        now: datetime,
+    ) -> tuple[PendingEvents, list[dict[str, Any]]]:
+        """A retry's events (started, the reused steps skipped, its first step announced) and
+        its step runs, in the order they are written."""
+        about = {
+            "tenant_id": tenant.id,
+            "slug": tenant.slug,
+            "state": TenantState.PROVISIONING.value,
+            "attempt_number": number,
+        }
+        events = PendingEvents()
+        started = {
+            **about,
+            "trigger": "retry",
+            "resumed_from": plan.resumed_from,
+            "reused_steps": plan.reused_steps,
+            "requested_by": request.requested_by,
+        }
+        events.prepare(EventType.STARTED, tenant.slug, started, now=now)
+        runs: list[dict[str, Any]] = []
+        for step, origin in plan.reused:
+            runs.append(
+                _run_values(attempt_id, tenant.id, step, StepStatus.SKIPPED, now, made, origin)
+            )
+            skipped = {**about, "step": step, "reused_from_attempt": origin}
+            events.prepare(EventType.STEP_SKIPPED, tenant.slug, skipped, now=now)
+        first = plan.resumed_from
+        runs.append(_run_values(attempt_id, tenant.id, first, StepStatus.RUNNING, now))
+        events.prepare(EventType.STEP_STARTED, tenant.slug, {**about, "step": first}, now=now)
+        return events, runs
+
     def _resume_plan(self, tenant: Tenant, made: dict[str, Made]) -> ResumePlan:
         outputs = {step: dict(m.output) for step, m in made.items()}
         ctx = step_context(tenant, self._settings, outputs=outputs)
@@ -251,3 +270,28 @@ class AttemptStarter(UseCase):
             # Nothing will run the saga: fail the attempt now rather than leave it provisioning.
             log.exception("dispatch.failed", slug=ref.slug, attempt=ref.attempt_number)
             self._runner.fail_attempt(ref, steps[0], exc)
+
+
+def _run_values(
+    attempt_id: str,
+    tenant_id: str,
+    step: str,
+    status: StepStatus,
+    now: datetime,
+    made: dict[str, Made] | None = None,
+    origin: int | None = None,
+) -> dict[str, Any]:
+    """A step run as a retry writes it: reused (skipped, with what it made) or announced (its
+    first try, running; see service/step_runs.py)."""
+    skipped = status == StepStatus.SKIPPED
+    return {
+        "attempt_id": attempt_id,
+        "tenant_id": tenant_id,
+        "step": step,
+        "status": status.value,
+        "tries": 0 if skipped else 1,
+        "output": dict(made[step].output) if skipped and made else {},
+        "reused_from_attempt": origin,
+        "started_at": now,
+        "ended_at": now if skipped else None,
+    }

@@ -1,0 +1,195 @@
+"""A step's completion transaction, in Core SQL: the fence, the step's row, the tenant's end
+when it is the last step, the next step's announcement, and the outbox rows.
+
+It runs once in every step of every saga; the ORM's unit of work (identity map, flush
+ordering, object state) cost more than the statements themselves there (docs/benchmarks.md).
+The fence is read in the same transaction as the writes, holding the tenant's row
+(``FOR UPDATE OF tenants`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` serialises writers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, bindparam, insert, select, update
+from sqlmodel import col
+
+from config.settings import Settings
+from sagas.errors import AttemptFenced
+from sagas.messages import EventType
+from sagas.states import AttemptState, StepStatus, TenantState, transition
+from sagas.steps import next_step
+from service.db.engine import WRITE_OPTION
+from service.db.models import Attempt, OutboxEvent, StepRun, Tenant
+from service.dispatch import AttemptRef
+from service.events import build_event
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """What the transaction decided. ``rows``: the outbox rows to publish, in order (none when
+    the step had been completed already, by a duplicate of its message)."""
+
+    output: dict[str, Any]
+    rows: list[OutboxEvent]
+    lock_token: str | None
+    final: bool
+    attempt_started_at: datetime | None
+    now: datetime
+
+
+# Built once: building a statement (coercing every column and operator) cost more than running
+# it from SQLAlchemy's compiled cache. Each execution passes its parameters only; a bound
+# parameter takes its column's type (JSON, UTC datetimes).
+_FENCE_AND_RUN = (
+    select(
+        col(Attempt.number),
+        col(Attempt.epoch),
+        col(Attempt.state),
+        col(Attempt.lock_token),
+        col(Attempt.started_at),
+        col(Tenant.epoch),
+        col(Tenant.id),
+        col(Tenant.slug),
+        col(Tenant.state),
+        col(StepRun.id),
+        col(StepRun.status),
+        col(StepRun.output),
+    )
+    .join(Tenant, col(Tenant.id) == col(Attempt.tenant_id))
+    .outerjoin(
+        StepRun,
+        and_(
+            col(StepRun.attempt_id) == col(Attempt.id),
+            col(StepRun.step) == bindparam("step"),
+        ),
+    )
+    .where(col(Attempt.id) == bindparam("attempt_id"))
+    .with_for_update(of=Tenant)
+)
+_COMPLETE_RUN = (
+    update(StepRun)
+    .where(col(StepRun.id) == bindparam("run_id"))
+    .values(
+        status=StepStatus.COMPLETED.value,
+        output=bindparam("output"),
+        ended_at=bindparam("now"),
+        duration_ms=bindparam("duration_ms"),
+    )
+)
+_ACTIVATE_TENANT = (
+    update(Tenant)
+    .where(col(Tenant.id) == bindparam("tenant_id"))
+    .values(
+        state=bindparam("state"),
+        failure_reason=None,
+        updated_at=bindparam("now"),
+    )
+)
+_SUCCEED_ATTEMPT = (
+    update(Attempt)
+    .where(col(Attempt.id) == bindparam("attempt_id"))
+    .values(
+        state=AttemptState.SUCCEEDED.value,
+        ended_at=bindparam("now"),
+    )
+)
+_ANNOUNCE_RUN = insert(StepRun)
+_INSERT_OUTBOX = insert(OutboxEvent).returning(col(OutboxEvent.id))
+
+
+class StepCompletion:
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self._writer = engine.execution_options(**{WRITE_OPTION: True})
+        self._settings = settings
+
+    def complete(
+        self, ref: AttemptRef, step: str, output: dict[str, Any], duration_ms: int
+    ) -> Completion:
+        now = datetime.now(UTC)
+        with self._writer.begin() as connection:
+            found = connection.execute(
+                _FENCE_AND_RUN, {"step": step, "attempt_id": ref.attempt_id}
+            ).first()
+            if found is None:
+                raise AttemptFenced(f"attempt {ref.attempt_id} does not exist")
+            number, attempt_epoch, attempt_state, lock_token, started_at = found[:5]
+            tenant_epoch, tenant_id, slug, tenant_state, run_id, run_status, run_output = found[5:]
+            if attempt_epoch != tenant_epoch or attempt_state != AttemptState.RUNNING:
+                raise AttemptFenced(
+                    f"attempt {number} of {slug} is fenced (attempt epoch {attempt_epoch}, "
+                    f"tenant epoch {tenant_epoch}, attempt {attempt_state})"
+                )
+            if run_id is None:
+                raise LookupError(f"{step} of attempt {number} of {slug} has no run to complete")
+            if run_status == StepStatus.COMPLETED:
+                # A second run of the step (a duplicate message) finished after the first: the
+                # first one completed it and announced the next step.
+                return Completion(dict(run_output or {}), [], lock_token, False, None, now)
+
+            connection.execute(
+                _COMPLETE_RUN,
+                {"run_id": run_id, "output": dict(output), "now": now, "duration_ms": duration_ms},
+            )
+            following = next_step(step)
+            if following is None:
+                current = TenantState(tenant_state)
+                if current is not TenantState.ACTIVE:
+                    tenant_state = transition(current, TenantState.ACTIVE).value
+                connection.execute(
+                    _ACTIVATE_TENANT, {"tenant_id": tenant_id, "state": tenant_state, "now": now}
+                )
+                connection.execute(_SUCCEED_ATTEMPT, {"attempt_id": ref.attempt_id, "now": now})
+            about = {
+                "tenant_id": tenant_id,
+                "slug": slug,
+                "state": tenant_state,
+                "attempt_number": number,
+            }
+            completed = {**about, "step": step, "duration_ms": duration_ms, "output": dict(output)}
+            rows = [_outbox(connection, now, EventType.STEP_COMPLETED, slug, completed)]
+            if following is not None:
+                connection.execute(
+                    _ANNOUNCE_RUN,
+                    {
+                        "attempt_id": ref.attempt_id,
+                        "tenant_id": tenant_id,
+                        "step": following,
+                        "status": StepStatus.RUNNING.value,
+                        "tries": 1,
+                        "output": {},
+                        "started_at": now,
+                    },
+                )
+                announced = {**about, "step": following}
+                rows.append(_outbox(connection, now, EventType.STEP_STARTED, slug, announced))
+            else:
+                began = started_at.replace(tzinfo=started_at.tzinfo or UTC)
+                ended = {
+                    **about,
+                    "admin_console_url": self._settings.console_url_for(slug),
+                    "duration_ms": int((now - began).total_seconds() * 1000),
+                }
+                rows.append(_outbox(connection, now, EventType.COMPLETED, slug, ended))
+        return Completion(dict(output), rows, lock_token, following is None, started_at, now)
+
+
+def _outbox(
+    connection: Connection,
+    now: datetime,
+    event_type: EventType,
+    subject: str,
+    data: dict[str, Any],
+) -> OutboxEvent:
+    event_id, body = build_event(event_type, subject, data, time=now)
+    values: dict[str, Any] = {
+        "event_id": event_id,
+        "type": event_type.value,
+        "subject": subject,
+        "body": body,
+        "created_at": now,
+    }
+    row_id = connection.execute(_INSERT_OUTBOX, values).scalar_one()
+    return OutboxEvent(id=row_id, **values)

@@ -1,0 +1,51 @@
+"""Issue 6: a step's lock renewal and fault-plan take, in one pipelined round trip, answer as the
+two calls did, also on a Redis that lost its scripts (a restart)."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.bootstrap import Container
+from service.faults import FaultMode, FaultPlans
+from service.locks import LockToken, TenantLocks
+from service.preflight import StepPreflight
+from tests.support.events import new_slug
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("scripts_lost", [False, True])
+def test_the_lock_is_renewed_or_retaken_and_the_plan_spent_in_one_round_trip(
+    services: Container, scripts_lost: bool
+) -> None:
+    locks, faults = TenantLocks(services.redis), FaultPlans(services.redis)
+    preflight = StepPreflight(locks, faults)
+    slug = new_slug("preflight")
+    token = LockToken.new("run", 1)
+    plan = faults.add("provision_storage", mode=FaultMode.ERROR, tenant=slug, times=1)
+    try:
+        if scripts_lost:
+            services.redis.script_flush()  # what a restart does; each script loads again
+        # The lock vanished (a restart, a lapsed TTL): a step just past its fence retakes it.
+        taken = preflight.run(slug, "provision_storage", token)
+        assert taken is not None
+        assert taken.id == plan.id
+        assert locks.info(slug).run_id == "run"
+        assert not faults.exists(plan.id)  # its one try is spent
+        assert preflight.run(slug, "provision_storage", token) is None
+        assert preflight.run(slug, "validate", None) is None  # no lock to renew: plans only
+    finally:
+        locks.force_release(slug)
+        faults.clear(plan.id)
+
+
+def test_someone_elses_lock_is_left_alone(services: Container) -> None:
+    locks, faults = TenantLocks(services.redis), FaultPlans(services.redis)
+    slug = new_slug("preflight")
+    theirs = LockToken.new("theirs", 2)
+    assert locks.acquire(slug, theirs)
+    try:
+        assert StepPreflight(locks, faults).run(slug, "validate", LockToken.new("mine", 1)) is None
+        assert locks.info(slug).run_id == "theirs"
+    finally:
+        locks.force_release(slug)

@@ -26,6 +26,8 @@ class StandInMessage:
     def __init__(self, body: bytes) -> None:
         self.body = body
         self.content_type = "application/cloudevents+json"
+        self.delivery_info: dict[str, object] = {}  # a first delivery
+        self.headers: dict[str, object] = {}
         self.acked = False
         self.requeued = False
 

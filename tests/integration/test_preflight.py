@@ -3,29 +3,50 @@ two calls did, also on a Redis that lost its scripts (a restart)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+from redis import Redis
 
 from service.bootstrap import Container
 from service.faults import FaultMode, FaultPlans
 from service.locks import LockToken, TenantLocks
 from service.preflight import StepPreflight
 from tests.support.events import new_slug
+from tests.support.private_redis import PrivateRedis
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("scripts_lost", [False, True])
+@pytest.fixture(params=[False, True], ids=["scripts-loaded", "scripts-lost"])
+def redis_of_test(
+    request: pytest.FixtureRequest, services: Container, workdir: Path
+) -> Iterator[tuple[Redis, bool]]:
+    """The session's Redis, or, to lose the scripts, a redis-server of the test's own: SCRIPT
+    FLUSH is server-wide, and the machine's Redis serves other sessions."""
+    if not request.param:
+        yield services.redis, False
+        return
+    private = PrivateRedis(workdir, "preflight-redis").start()
+    try:
+        yield Redis.from_url(private.url(0)), True
+    finally:
+        private.stop()
+
+
 def test_the_lock_is_renewed_or_retaken_and_the_plan_spent_in_one_round_trip(
-    services: Container, scripts_lost: bool
+    redis_of_test: tuple[Redis, bool],
 ) -> None:
-    locks, faults = TenantLocks(services.redis), FaultPlans(services.redis)
+    redis, scripts_lost = redis_of_test
+    locks, faults = TenantLocks(redis), FaultPlans(redis)
     preflight = StepPreflight(locks, faults)
     slug = new_slug("preflight")
     token = LockToken.new("run", 1)
     plan = faults.add("provision_storage", mode=FaultMode.ERROR, tenant=slug, times=1)
     try:
         if scripts_lost:
-            services.redis.script_flush()  # what a restart does; each script loads again
+            redis.script_flush()  # what a restart does; each script loads again
         # The lock vanished (a restart, a lapsed TTL): a step just past its fence retakes it.
         taken = preflight.run(slug, "provision_storage", token)
         assert taken is not None

@@ -21,6 +21,7 @@ from service.handlers import Request
 from tests.support.api import API_TOKEN, ApiServer
 from tests.support.events import EventTap, new_slug
 from tests.support.processes import ServiceProcess
+from tests.support.stack import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +43,7 @@ if not CHROMIUM.exists() and not os.environ.get("CI"):
     )
 
 from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import Error as PlaywrightError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +163,20 @@ def test_retry_from_the_tenant_page_until_active(
         for plan_id in held.values():
             services.faults.clear(plan_id)
 
-    # It settles: the page reloads itself, active, with the console link.
-    expect(page.locator("#state-badge")).to_have_text("active", timeout=30_000)
-    assert page.evaluate("window.__notReloaded === undefined")
+    # It settles: the poll draws "active", then the page reloads itself, with the console link.
+    def reloaded_active() -> bool:
+        try:
+            return bool(
+                page.evaluate(
+                    "window.__notReloaded === undefined && "
+                    "document.getElementById('state-badge')?.textContent === 'active'"
+                )
+            )
+        except PlaywrightError:  # the reload is under way: this document is gone
+            return False
+
+    wait_until(reloaded_active, 30, "the page to reload itself, active")
+    page.wait_for_load_state("load")
     assert step_status(page, 2, "activate") == "completed"
     expect(page.locator("#polling")).to_have_text("")
     page.locator("#actions-menu summary").click()

@@ -38,6 +38,7 @@ log = structlog.get_logger(__name__)
 TRANSPORT = "service.reliable_redis:Transport"
 # At most this many stale messages put back, or stray priority messages moved, per pass.
 PASS_LIMIT = 1000
+PASS_EVERY_S = 1.0
 
 _MOVE_BACK = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
@@ -106,6 +107,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._moving_from: str | None = None
         self._inflight: tuple[str, bytes] | None = None
         self._commands: tuple[Any, Any] | None = None
+        self._last_pass = float("-inf")
         # When this channel first saw each message in a processing list: {key: {item: t}}.
         self._first_seen: dict[str, dict[bytes, float]] = {}
 
@@ -190,6 +192,11 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
     # --- the periodic pass (kombu calls restore_visible on every consumer, every few seconds) ---
     def restore_stale_processing(self) -> None:
         now = time.monotonic()
+        # kombu calls this on every idle poll of a drain_events() consumer: a few times a second
+        # is plenty for a 5 s staleness.
+        if now - self._last_pass < PASS_EVERY_S:
+            return
+        self._last_pass = now
         with self.conn_or_acquire() as client:
             for queue in list(self.active_queues):
                 self._put_back_stale(client, queue, now)

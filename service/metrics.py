@@ -59,8 +59,15 @@ log = structlog.get_logger(__name__)
 _warned = False
 
 
+_dir_made = False
+
+
 def _ensure_dir() -> None:
-    Path(MULTIPROC_DIR).mkdir(parents=True, exist_ok=True)
+    # Once per process (a stat per recorded value was 1 % of a step); a failure tries again.
+    global _dir_made
+    if not _dir_made:
+        Path(MULTIPROC_DIR).mkdir(parents=True, exist_ok=True)
+        _dir_made = True
 
 
 def _never_fails(record: Callable[P, None]) -> Callable[P, None]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import insert
 from sqlmodel import Session, col
@@ -11,6 +12,29 @@ from sqlmodel import Session, col
 from sagas.messages import EventType
 from service.db.models import OutboxEvent
 from service.events import build_event
+
+
+class Publishable(Protocol):
+    """What the relay needs of a written outbox row: its id (to mark it), type and body."""
+
+    @property
+    def id(self) -> int | None: ...
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def body(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenEvent:
+    """An outbox row as the step's Core transaction wrote it: building an ORM instance only to
+    carry these three cost more than the row's INSERT (docs/benchmarks.md)."""
+
+    id: int | None
+    type: str
+    body: str
 
 
 class PendingEvents:

@@ -21,6 +21,7 @@ from config.keys import (
     COMMANDS_QUEUE,
     EVENTS_EXCHANGE,
 )
+from service.reliable_redis import transport_for
 
 EVENTS = Exchange(EVENTS_EXCHANGE, type="topic", durable=True)
 COMMANDS = Exchange(COMMANDS_EXCHANGE, type="topic", durable=True)
@@ -42,7 +43,10 @@ class Publisher:
     def _producer(self) -> Producer:
         producer: Producer | None = getattr(self._local, "producer", None)
         if producer is None:
-            connection = Connection(self._broker_url)
+            # On Redis, the service's own transport: one redis-py client per channel, where
+            # kombu's builds one for every command (the table lookup, each batch): a third of a
+            # publish's cost (docs/benchmarks.md).
+            connection = Connection(self._broker_url, transport=transport_for(self._broker_url))
             producer = Producer(connection.default_channel)
             # Declare both exchanges and our own durable queues once per connection, so a
             # message published before the listener or the audit consumer first ran is kept.

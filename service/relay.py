@@ -21,6 +21,7 @@ from config.keys import RELAY_GRACE_S, RELAY_POLL_S
 from service.db.engine import WRITE_OPTION
 from service.db.models import OutboxEvent
 from service.marks import BatchedMarks
+from service.outbox import Publishable
 from service.publisher import Publisher
 
 log = structlog.get_logger(__name__)
@@ -35,7 +36,7 @@ class OutboxRelay:
         self._writer = engine.execution_options(**{WRITE_OPTION: True})
         self._marks = BatchedMarks(self._mark)
 
-    def publish_now(self, rows: Sequence[OutboxEvent]) -> None:
+    def publish_now(self, rows: Sequence[Publishable]) -> None:
         """Right after the commit that wrote ``rows``: publish them, in order; they are marked
         a moment later, with other rows, off the caller's path (service/marks.py).
 

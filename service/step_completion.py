@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, insert, select, update
+from sqlalchemy import Engine, and_, bindparam, insert, select, update
 from sqlmodel import col
 
 from config.settings import Settings
@@ -25,6 +25,7 @@ from service.db.engine import WRITE_OPTION
 from service.db.models import Attempt, OutboxEvent, StepRun, Tenant
 from service.dispatch import AttemptRef
 from service.events import build_event
+from service.outbox import WrittenEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +34,7 @@ class Completion:
     the step had been completed already, by a duplicate of its message)."""
 
     output: dict[str, Any]
-    rows: list[OutboxEvent]
+    rows: list[WrittenEvent]
     lock_token: str | None
     final: bool
     attempt_started_at: datetime | None
@@ -97,7 +98,8 @@ _SUCCEED_ATTEMPT = (
     )
 )
 _ANNOUNCE_RUN = insert(StepRun)
-_INSERT_OUTBOX = insert(OutboxEvent).returning(col(OutboxEvent.id))
+# A step's two events in one statement (a multi-row INSERT ... RETURNING), ids in their order.
+_INSERT_OUTBOX = insert(OutboxEvent).returning(col(OutboxEvent.id), sort_by_parameter_order=True)
 
 
 class StepCompletion:
@@ -149,7 +151,7 @@ class StepCompletion:
                 "attempt_number": number,
             }
             completed = {**about, "step": step, "duration_ms": duration_ms, "output": dict(output)}
-            rows = [_outbox(connection, now, EventType.STEP_COMPLETED, slug, completed)]
+            events = [_event(now, EventType.STEP_COMPLETED, slug, completed)]
             if following is not None:
                 connection.execute(
                     _ANNOUNCE_RUN,
@@ -164,7 +166,7 @@ class StepCompletion:
                     },
                 )
                 announced = {**about, "step": following}
-                rows.append(_outbox(connection, now, EventType.STEP_STARTED, slug, announced))
+                events.append(_event(now, EventType.STEP_STARTED, slug, announced))
             else:
                 began = started_at.replace(tzinfo=started_at.tzinfo or UTC)
                 ended = {
@@ -172,24 +174,23 @@ class StepCompletion:
                     "admin_console_url": self._settings.console_url_for(slug),
                     "duration_ms": int((now - began).total_seconds() * 1000),
                 }
-                rows.append(_outbox(connection, now, EventType.COMPLETED, slug, ended))
+                events.append(_event(now, EventType.COMPLETED, slug, ended))
+            ids = connection.execute(_INSERT_OUTBOX, events).scalars()
+            rows = [
+                WrittenEvent(row_id, values["type"], values["body"])
+                for row_id, values in zip(ids, events, strict=True)
+            ]
         return Completion(dict(output), rows, lock_token, following is None, started_at, now)
 
 
-def _outbox(
-    connection: Connection,
-    now: datetime,
-    event_type: EventType,
-    subject: str,
-    data: dict[str, Any],
-) -> OutboxEvent:
+def _event(
+    now: datetime, event_type: EventType, subject: str, data: dict[str, Any]
+) -> dict[str, Any]:
     event_id, body = build_event(event_type, subject, data, time=now)
-    values: dict[str, Any] = {
+    return {
         "event_id": event_id,
         "type": event_type.value,
         "subject": subject,
         "body": body,
         "created_at": now,
     }
-    row_id = connection.execute(_INSERT_OUTBOX, values).scalar_one()
-    return OutboxEvent(id=row_id, **values)

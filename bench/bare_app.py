@@ -1,6 +1,7 @@
 """The bare chain: eight no-op tasks on a Celery app with the service's own configuration
 (``config/celery.py``), on a queue of its own so that its worker and the saga's never take each
-other's messages. ``celery -A bench.bare_app worker -Q bench.bare``."""
+other's messages. ``celery -A bench.bare_app worker -Q bench.bare``. The same worker runs the
+floor's chain (``bench/floor.py``): the same tasks, plus one commit and two events each."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 from celery import Celery, Task, chain
 
-from bench import timing
+from bench import floor, timing
 from config.celery import celery_config
 from config.settings import get_settings
 from tasks.steps import TASK_OPTIONS
@@ -27,8 +28,20 @@ def noop(self: Task, *, run_id: str, index: int) -> dict[str, Any]:
     return {"step": index, "output": {}}
 
 
+@app.task(name=timing.FLOOR_TASK, **TASK_OPTIONS)  # type: ignore[untyped-decorator]
+def floor_step(self: Task, *, run_id: str, index: int) -> dict[str, Any]:
+    floor.work().step(run_id, index)
+    return {"step": index, "output": {}}
+
+
 def send_bare_chain(run_id: str) -> None:
     chain(*(noop.si(run_id=run_id, index=i) for i in range(timing.CHAIN_LENGTH))).apply_async()
+
+
+def send_floor_chain(run_id: str) -> None:
+    chain(
+        *(floor_step.si(run_id=run_id, index=i) for i in range(timing.CHAIN_LENGTH))
+    ).apply_async()
 
 
 timing.connect()

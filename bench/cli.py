@@ -149,11 +149,11 @@ def machine() -> dict[str, Any]:
 
 
 def _repeat(harness: Harness, options: Options, number: int) -> dict[str, Any]:
-    """Every measure once; the bare chain and the saga alternate which goes first, so that a
-    drift in the machine's load favours neither."""
+    """Every measure once; the bare chain and the saga alternate which goes first (the floor
+    between them), so that a drift in the machine's load favours neither."""
     from bench import measures
 
-    kinds = ("bare", "saga") if number % 2 == 0 else ("saga", "bare")
+    kinds = ("bare", "floor", "saga") if number % 2 == 0 else ("saga", "floor", "bare")
     step = f"repeat {number + 1}/{options.repeat}"
     one: dict[str, Any] = {"latency": {}, "throughput": {}}
     measures.say(f"{step}: latency ({options.sagas} chains, one at a time)")
@@ -198,8 +198,9 @@ def run(options: Options, env: BenchEnvironment) -> dict[str, Any]:
         )
         harness.start_processes()
         warm = 2 * options.concurrency
-        say(f"warming up ({warm} bare chains, {warm} sagas, 1 retry)")
+        say(f"warming up ({warm} bare chains, {warm} floor chains, {warm} sagas, 1 retry)")
         harness.drive(harness.start_bare, warm, inflight=warm)
+        harness.drive(harness.start_floor, warm, inflight=warm)
         harness.drive(harness.start_saga, warm, inflight=warm)
         measures.retry_latency(harness, 1)
         repeats = [_repeat(harness, options, number) for number in range(options.repeat)]

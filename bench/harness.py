@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
+from bench import floor
 from bench.environment import BenchEnvironment
 from bench.processes import BenchProcess, ProcessGroup, celery_worker_args
 from bench.timing import CHAIN_LENGTH, TimingLog, saga_key
@@ -65,6 +66,7 @@ class Harness:
     # --- processes ---
     def start_processes(self) -> None:
         run, c = self.env.run_id, self.concurrency
+        floor.create_table(self.services.engine)
         self.saga_worker = self.group.start(
             "saga-worker",
             celery_worker_args("bench.worker_app", SAGA_QUEUE, f"bench-saga-{run}@%h", c),
@@ -149,6 +151,14 @@ class Harness:
         ended = times.post[CHAIN_LENGTH - 1]
         return ChainStats(steps, hops, (ended - started.sent_at) * 1000, started.sent_at, ended)
 
+    def start_floor(self) -> Started:
+        from bench.bare_app import send_floor_chain
+
+        run_id = uuid.uuid4().hex
+        sent_at = time.time()
+        send_floor_chain(run_id)
+        return Started(run_id, run_id, sent_at)
+
     # --- the database ---
     def states_of(self, slugs: Iterable[str]) -> dict[str, str]:
         wanted = list(slugs)
@@ -192,7 +202,9 @@ class Harness:
     def audit_count(self, *, burst: str | None = None) -> int:
         query = select(func.count()).select_from(AuditEvent)
         if burst is None:
+            # The saga's events only: what the outbox holds (the floor's never pass through it).
             query = query.where(~col(AuditEvent.subject).startswith(BURST_PREFIX))
+            query = query.where(~col(AuditEvent.subject).startswith(floor.FLOOR_PREFIX))
         else:
             query = query.where(AuditEvent.subject == burst)
         with Session(self.services.engine) as session:

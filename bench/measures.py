@@ -29,7 +29,7 @@ def say(message: str) -> None:
 
 
 def _starter(harness: Harness, kind: str) -> Any:
-    return harness.start_saga if kind == "saga" else harness.start_bare
+    return {"saga": harness.start_saga, "floor": harness.start_floor}.get(kind, harness.start_bare)
 
 
 def _require_completed(harness: Harness, kind: str, runs: list[Started]) -> None:

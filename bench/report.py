@@ -84,12 +84,28 @@ def _medians(rows: list[dict[str, float]]) -> dict[str, float]:
     return {key: median([row[key] for row in rows]) for key in keys}
 
 
-def _ratios(repeats: list[Repeat], section: str, keys: tuple[str, ...]) -> dict[str, float]:
-    """Per repeat saga / bare (measured seconds apart), then the median of those."""
+def _ratios(
+    repeats: list[Repeat], section: str, keys: tuple[str, ...], kind: str = "saga"
+) -> dict[str, float]:
+    """Per repeat ``kind`` / bare (measured seconds apart), then the median of those."""
     return {
-        key: median([ratio(r[section]["saga"][key], r[section]["bare"][key]) for r in repeats])
+        key: median([ratio(r[section][kind][key], r[section]["bare"][key]) for r in repeats])
         for key in keys
     }
+
+
+def _with_floor(repeats: list[Repeat], section: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The bare chain, the saga, their ratio, and the floor with its ratio to the bare chain
+    (runs from before the floor existed have none)."""
+    out: dict[str, Any] = {
+        "bare": _medians([r[section]["bare"] for r in repeats]),
+        "saga": _medians([r[section]["saga"] for r in repeats]),
+        "ratio": _ratios(repeats, section, keys),
+    }
+    if all("floor" in r[section] for r in repeats):
+        out["floor"] = _medians([r[section]["floor"] for r in repeats])
+        out["floor_ratio"] = _ratios(repeats, section, keys, "floor")
+    return out
 
 
 def summarise(repeats: list[Repeat], rss: dict[str, float]) -> dict[str, Any]:
@@ -117,16 +133,8 @@ def summarise(repeats: list[Repeat], rss: dict[str, float]) -> dict[str, Any]:
         "retry_p50_ms": [r["retry"]["started_p50_ms"] for r in repeats],
     }
     return {
-        "latency": {
-            "bare": _medians([r["latency"]["bare"] for r in repeats]),
-            "saga": _medians([r["latency"]["saga"] for r in repeats]),
-            "ratio": _ratios(repeats, "latency", LATENCY_KEYS),
-        },
-        "throughput": {
-            "bare": _medians([r["throughput"]["bare"] for r in repeats]),
-            "saga": _medians([r["throughput"]["saga"] for r in repeats]),
-            "ratio": _ratios(repeats, "throughput", THROUGHPUT_KEYS),
-        },
+        "latency": _with_floor(repeats, "latency", LATENCY_KEYS),
+        "throughput": _with_floor(repeats, "throughput", THROUGHPUT_KEYS),
         "audit": audit,
         "retry": _medians([r["retry"] for r in repeats]),
         "rss": rss,
@@ -209,6 +217,7 @@ def render(summary: dict[str, Any], targets: list[dict[str, Any]], *, asserted: 
     lines = [f"{'measure':<{width}}  {'bare chain':>11}  {'saga':>17}  {'saga/bare':>9}"]
     lines.append("-" * len(lines[0]))
     lines += [f"{a:<{width}}  {b:>11}  {c:>17}  {d:>9}" for a, b, c, d in rows]
+    lines += _floor_lines(lat, tp)
     lines.append("")
     heading = "targets" if asserted else "targets (smoke run: shown, not asserted)"
     lines.append(heading)
@@ -221,3 +230,27 @@ def render(summary: dict[str, Any], targets: list[dict[str, Any]], *, asserted: 
             f"{spread})"
         )
     return "\n".join(lines)
+
+
+def _floor_lines(lat: dict[str, Any], tp: dict[str, Any]) -> list[str]:
+    """The floor beside the bare chain: what the targets leave for the rest of a step."""
+    if "floor" not in lat or "floor" not in tp:
+        return []
+    rows = [
+        ("per-step latency p50 (ms)", lat, "step_p50_ms", 2),
+        ("whole chain p50 (ms)", lat, "chain_p50_ms", 1),
+        ("throughput, 8 in flight (steps/s)", tp, "steps_per_s", 1),
+        ("worker CPU per step (ms)", tp, "worker_cpu_ms_per_step", 2),
+    ]
+    width = max(len(row[0]) for row in rows)
+    lines = [
+        "",
+        "the floor: the bare chain's tasks plus one commit and two audited events each",
+        f"{'measure':<{width}}  {'bare chain':>11}  {'floor':>17}  {'floor/bare':>10}",
+    ]
+    for label, section, key, digits in rows:
+        lines.append(
+            f"{label:<{width}}  {_f(section['bare'][key], digits):>11}  "
+            f"{_f(section['floor'][key], digits):>17}  {_f(section['floor_ratio'][key]):>10}"
+        )
+    return lines

@@ -22,6 +22,7 @@ from sagas.steps import STEPS
 TIMING_DIR_ENV = "BENCH_TIMING_DIR"
 STEP_TASK_PREFIX = "provisioner.step."
 BARE_TASK = "bench.noop"
+FLOOR_TASK = "bench.floor"
 CHAIN_LENGTH = len(STEPS)
 
 _STEP_INDEX = {step: i for i, step in enumerate(STEPS)}
@@ -36,7 +37,7 @@ def _key_and_index(task_name: str, kwargs: dict[str, Any]) -> tuple[str, int] | 
     if task_name.startswith(STEP_TASK_PREFIX):
         step = task_name[len(STEP_TASK_PREFIX) :]
         return saga_key(kwargs["slug"], kwargs["attempt_number"]), _STEP_INDEX[step]
-    if task_name == BARE_TASK:
+    if task_name in (BARE_TASK, FLOOR_TASK):
         return str(kwargs["run_id"]), int(kwargs["index"])
     return None
 

@@ -32,6 +32,10 @@ POSITIVE = {
     ("throughput", "bare"): ("steps_per_s", "worker_cpu_ms_per_step"),
     ("throughput", "saga"): ("steps_per_s", "worker_cpu_ms_per_step"),
     ("throughput", "ratio"): ("steps_per_s",),
+    ("latency", "floor"): ("step_p50_ms", "chain_p50_ms"),
+    ("latency", "floor_ratio"): ("step_p50_ms",),
+    ("throughput", "floor"): ("steps_per_s", "worker_cpu_ms_per_step"),
+    ("throughput", "floor_ratio"): ("steps_per_s",),
     ("audit",): (
         "production_events_per_s",
         "consumer_events_per_s",
@@ -114,6 +118,7 @@ def test_smoke_bench_writes_every_measure(tmp_path: Path) -> None:
     text = output.decode(errors="replace")
     assert process.returncode == 0, text[-4000:]
     assert "saga/bare" in text, text[-2000:]
+    assert "floor/bare" in text, text[-2000:]
 
     results = json.loads(out.read_text())
     assert results["config"]["smoke"] is True

@@ -24,12 +24,13 @@ from sqlalchemy import Engine, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.sql.dml import Insert
+from sqlmodel import Session
 
 from config.keys import CONSUMER_REDELIVER_AFTER_S, consumer_transport_options
 from service import metrics
 from service.db.engine import unit_of_work
 from service.db.models import AuditEvent, DeadLetter
-from service.dead_letters import dead_letter_of
+from service.dead_letters import already_kept, dead_letter_of, redelivered
 from service.events import read_event
 from service.publisher import AUDIT_QUEUE_DECL, EVENTS
 from service.reliable_redis import consumer_connection
@@ -148,17 +149,19 @@ class AuditConsumer:
         now = datetime.now(UTC)
         rows: dict[str, Parsed] = {}
         dead: list[DeadLetter] = []
+        # Dead letters of messages handed back after a crash: kept only if not kept already.
+        maybe_kept: list[DeadLetter] = []
         for message in batch:
             body = _body_of(message)
             try:
                 row = audit_row(read_event(body), now)
             except Exception as exc:
-                dead.append(
-                    dead_letter_of(body, message.content_type, str(exc), DEAD_LETTER_SOURCE)
-                )
+                kept = dead_letter_of(body, message.content_type, str(exc), DEAD_LETTER_SOURCE)
+                (maybe_kept if redelivered(message) else dead).append(kept)
             else:
                 rows.setdefault(row["event_id"], Parsed(row, body, message.content_type))
         try:
+            dead += self._not_kept_yet(maybe_kept)
             refused = self._store(list(rows.values()), dead)
         except Exception as exc:
             log.warning("audit.store_failed", error=str(exc)[:500], messages=len(batch))
@@ -181,6 +184,14 @@ class AuditConsumer:
             lag_s=None if self.last_lag_s is None else round(self.last_lag_s, 3),
         )
         return len(batch)
+
+    def _not_kept_yet(self, dead: list[DeadLetter]) -> list[DeadLetter]:
+        if not dead:
+            return []
+        # An audit consumer is alone on its messages until it acknowledges them: no other one
+        # keeps the same redelivered bytes between this read and the batch's transaction.
+        with Session(self._engine) as session:
+            return [letter for letter in dead if not already_kept(session, letter)]
 
     def _store(self, parsed: list[Parsed], dead: list[DeadLetter]) -> int:
         """Store the batch in one transaction; return how many events the database refused."""

@@ -20,7 +20,7 @@ from kombu import Consumer, Message
 from config.keys import consumer_transport_options
 from sagas.errors import MalformedCommand
 from sagas.messages import Command, CommandType, Salvage, parse_command, salvage
-from service.dead_letters import dead_letter_of
+from service.dead_letters import dead_letter_of, redelivered
 from service.handlers import Handlers, Outcome, Request
 from service.publisher import COMMANDS_QUEUE_DECL, EVENTS
 from service.reliable_redis import consumer_connection
@@ -62,13 +62,6 @@ def refuse_nul(command: Command) -> None:
         raise MalformedCommand("a field contains a NUL character (\\u0000)")
 
 
-def _redelivered(message: Message) -> bool:
-    # RabbitMQ sets it on a redelivery; kombu's Redis transport when it restores a message.
-    info = message.delivery_info or {}
-    headers = message.headers or {}
-    return bool(info.get("redelivered") or headers.get("redelivered"))
-
-
 def storable(seen: Salvage) -> Salvage:
     """What was salvaged from a malformed command, fit for the database (NUL replaced)."""
     return Salvage(*(None if value is None else _without_nul(value) for value in astuple(seen)))
@@ -94,7 +87,7 @@ class CommandListener:
                 seen = storable(salvage(body))
                 error = _without_nul(str(exc))
                 kept = dead_letter_of(body, content_type, error, "listener")
-                if _redelivered(message) and self._handlers.dead_letter_kept(kept):
+                if redelivered(message) and self._handlers.dead_letter_kept(kept):
                     # Kept and answered before a crash kept it from being acknowledged: a
                     # malformed command has no id to dedupe on, its bytes are what we have.
                     log.info("listener.malformed_redelivery_ignored", slug=seen.slug)

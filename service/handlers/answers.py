@@ -10,7 +10,7 @@ from typing import Any
 import structlog
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from sagas.errors import CommandRejected
 from sagas.messages import CommandType, EventType
@@ -19,6 +19,7 @@ from service import metrics
 from service import repository as repo
 from service.db.engine import unit_of_work
 from service.db.models import DeadLetter, ProcessedCommand
+from service.dead_letters import already_kept
 from service.outbox import PendingEvents
 from service.relay import OutboxRelay
 
@@ -185,11 +186,4 @@ class CommandBook:
         """Whether this very message is kept already (a redelivery after a crash between the
         commit that kept and answered it and the broker's acknowledgement)."""
         with Session(self._engine) as session:
-            found = session.exec(
-                select(DeadLetter.id)
-                .where(DeadLetter.source == dead_letter.source)
-                .where(DeadLetter.body == dead_letter.body)
-                .where(DeadLetter.body_encoding == dead_letter.body_encoding)
-                .limit(1)
-            ).first()
-        return found is not None
+            return already_kept(session, dead_letter)

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kombu import Connection, Producer, Queue
@@ -28,13 +29,14 @@ from sqlmodel import select as sql_select
 from typer.testing import CliRunner
 
 from config.keys import consumer_transport_options
-from sagas.messages import CommandType
+from sagas.messages import CommandType, EventType
 from sagas.steps import STEPS
 from service import feed
 from service.bootstrap import Container
 from service.cli import app
 from service.db.engine import is_sqlite, unit_of_work
 from service.db.models import AuditEvent, DeadLetter
+from service.events import build_event
 from service.faults import FaultMode
 from service.handlers import Request
 from service.publisher import EVENTS
@@ -46,6 +48,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 COMPLETED = "tenant.provisioning.completed"
 FAILED = "tenant.provisioning.failed"
+RESET = "tenant.provisioning.reset"
 DECOMMISSIONED = "tenant.decommission.completed"
 # The consumer's redelivery delay (10 s) plus start-up and a sweep: what a restart may need.
 AUDIT_CATCH_UP_S = 45.0
@@ -94,6 +97,10 @@ def stored(services: Container, slug: str) -> list[AuditEvent]:
                 .order_by(col(AuditEvent.seq))
             ).all()
         )
+
+
+def build_event_body(event_type: str, subject: str, data: dict[str, Any]) -> str:
+    return build_event(EventType(event_type), subject, data)[1]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -285,6 +292,58 @@ def test_a_malformed_event_is_dead_lettered_not_dropped(
     assert audit.current.process.poll() is None, "the audit consumer died"
     # The tap saw them too; they were meant to be malformed.
     wait_until(lambda: sum(marker in body for body, _ in tap.invalid) == 2, 10, "the tap")
+    tap.invalid[:] = [item for item in tap.invalid if marker not in item[0]]
+
+
+def test_a_malformed_event_redelivered_after_a_crash_is_kept_once(
+    services: Container, tap: EventTap, audit: AuditConsumers
+) -> None:
+    marker = uuid.uuid4().hex
+    raw = f"{{not a cloudevent {marker}".encode()
+
+    def publish(body: bytes, routing_key: str, **headers: object) -> None:
+        with Connection(services.settings.broker_url) as connection:
+            producer = Producer(connection.default_channel)
+            EVENTS.bind(producer.channel).declare()
+            producer.publish(
+                body,
+                exchange=EVENTS,
+                routing_key=routing_key,
+                content_type="application/cloudevents+json",
+                content_encoding="utf-8",
+                headers=headers,
+            )
+
+    def kept() -> int:
+        with Session(services.engine) as session:
+            rows = session.exec(sql_select(DeadLetter).where(DeadLetter.source == "audit")).all()
+        return sum(marker in row.body for row in rows)
+
+    def checkpoint() -> None:
+        # A valid event sent after: once it is stored, the consumer has read what came before.
+        slug = new_slug("after-dead")
+        data = {
+            "tenant_id": str(uuid.uuid4()),
+            "slug": slug,
+            "state": "failed",
+            "attempt_number": 1,
+            "reset_attempt": 1,
+            "lock_released": True,
+            "requested_by": "test",
+        }
+        services.publisher.publish_events([(RESET, build_event_body(RESET, slug, data))])
+        wait_until(lambda: len(stored(services, slug)) == 1, 20, "the checkpoint event")
+
+    publish(raw, "tenant.provisioning.started")
+    wait_until(lambda: kept() == 1, 20, "the dead letter")
+    # What the broker hands back when the consumer died after its commit, before its ack: the
+    # same bytes, marked redelivered (RabbitMQ's flag; kombu's Redis restore sets the header).
+    publish(raw, "tenant.provisioning.started", redelivered=True)
+    checkpoint()
+    assert kept() == 1
+    # The same bytes sent again, not redelivered, are another message: kept again.
+    publish(raw, "tenant.provisioning.started")
+    wait_until(lambda: kept() == 2, 20, "the second message's dead letter")
     tap.invalid[:] = [item for item in tap.invalid if marker not in item[0]]
 
 

@@ -37,8 +37,8 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     ("reading earlier outputs", "latest_outputs"),
     ("the step's pick-up read (fence + step_run)", "read_pickup"),
     ("the completion's statements (fence, step_run, outbox)", "StepCompletion.complete"),
-    ("fence queries", "SagaRunner._fenced"),
-    ("fence queries", "SagaRunner._check_fence"),
+    ("fence queries", "lock_unfenced ("),
+    ("fence queries", "check_fence ("),
     ("step_run query", "step_run (service/repository"),
     ("building CloudEvents", "build_event"),
 )

@@ -21,7 +21,7 @@ from service.locks import LockToken, TenantLocks
 from service.outbox import PendingEvents
 from service.providers.base import Provider
 from service.relay import OutboxRelay
-from service.saga_runner import RetryLater, StepDone, backoff_delay, step_context, token_of
+from service.step_context import RetryLater, StepDone, backoff_delay, step_context, token_of
 
 log = structlog.get_logger(__name__)
 

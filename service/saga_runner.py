@@ -7,24 +7,21 @@ fail the attempt; a ``RetryLater`` result -> ``self.retry(countdown=...)``.
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 from sqlalchemy import Engine
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from config.settings import Settings
-from sagas import rules
 from sagas.errors import AttemptFenced, StepError, StepFailedForGood, TransientUpstreamError
 from sagas.messages import EventType
-from sagas.states import AttemptState, StepStatus, TenantState, move
+from sagas.states import StepStatus
 from service import metrics, tracing
 from service import repository as repo
+from service.attempt_failure import AttemptFailure
+from service.attempt_fence import check_fence, lock_unfenced, raise_if_fenced
 from service.db.engine import unit_of_work
 from service.db.models import Attempt, Tenant
 from service.dispatch import AttemptRef
@@ -35,9 +32,17 @@ from service.preflight import StepPreflight
 from service.providers.base import Provider, StepContext
 from service.relay import OutboxRelay
 from service.step_completion import StepCompletion
+from service.step_context import (
+    LazyOutputs,
+    RetryLater,
+    StepDone,
+    backoff_delay,
+    step_context,
+    token_of,
+)
 from service.step_runs import announce, read_pickup
 
-# Re-exported: the handlers and the contract tests build attempt events with it.
+# Re-exported: the contract tests build attempt events with it.
 from service.step_runs import attempt_event_data as attempt_event_data
 
 log = structlog.get_logger(__name__)
@@ -45,50 +50,8 @@ log = structlog.get_logger(__name__)
 LOCK_RENEW_EVERY_S = 5.0
 
 
-@dataclass(frozen=True, slots=True)
-class StepDone:
-    output: dict[str, object]
-
-
-@dataclass(frozen=True, slots=True)
-class RetryLater:
-    countdown: float
-
-
 # What a step runs with once picked up: the provider's context, the lock token, the try number.
 _Begun = tuple[StepContext, "LockToken | None", int]
-
-
-def backoff_delay(
-    base_s: float, failed_try: int, rand: Callable[[], float] = random.random
-) -> float:
-    """``base * 2**(try-1)``, jittered by +-20 % so that a burst of failures spreads out."""
-    delay: float = base_s * 2.0 ** (failed_try - 1) * (0.8 + 0.4 * rand())
-    return round(delay, 3)
-
-
-def step_context(
-    tenant: Tenant,
-    settings: Settings,
-    *,
-    attempt_number: int = 0,
-    outputs: Mapping[str, dict[str, Any]] | None = None,
-) -> StepContext:
-    """What a provider is told about the tenant (attempt 0: outside any attempt)."""
-    return StepContext(
-        tenant_id=tenant.id,
-        slug=tenant.slug,
-        plan=tenant.plan,
-        admin_email=tenant.admin_email,
-        attempt_number=attempt_number,
-        data_dir=settings.data_dir,
-        console_url=settings.console_url_for(tenant.slug),
-        outputs=outputs if outputs is not None else {},
-    )
-
-
-def token_of(raw: str | None) -> LockToken | None:
-    return LockToken.decode(raw) if raw else None
 
 
 class SagaRunner:
@@ -110,6 +73,7 @@ class SagaRunner:
         self._relay = relay
         self._completion = StepCompletion(engine, settings)
         self._preflight = StepPreflight(locks, faults)
+        self._failure = AttemptFailure(engine=engine, settings=settings, locks=locks, relay=relay)
 
     # --- the step ---
     def run_step(
@@ -141,7 +105,9 @@ class SagaRunner:
             # same round trip, the step's fault plan (a Redis that does not answer fails the try).
             plan = self._preflight.run(ref.slug, step, token)
             if self._faults.enact(plan, step, while_hanging=keep_lock):
-                self._check_fence(ref)  # the hang may have outlived a reset: make nothing after it
+                check_fence(
+                    self._engine, ref
+                )  # the hang may have outlived a reset: make nothing after it
             output = self._providers[step].run(ctx)
         except AttemptFenced:
             raise
@@ -161,7 +127,7 @@ class SagaRunner:
         found = read_pickup(self._engine, ref, step)
         if found is None:
             raise AttemptFenced(f"attempt {ref.attempt_id} does not exist")
-        _raise_if_fenced(
+        raise_if_fenced(
             found.attempt_number,
             found.attempt_epoch,
             found.attempt_state,
@@ -196,7 +162,7 @@ class SagaRunner:
         worker), announcing the step if nothing did."""
         events = PendingEvents()
         with unit_of_work(self._engine) as session:
-            tenant, attempt = self._fenced(session, ref)
+            tenant, attempt = lock_unfenced(session, ref)
             run = repo.step_run(session, attempt.id, step)
             if run is not None and run.status == StepStatus.COMPLETED:
                 # A redelivered step that already finished: let the chain go on.
@@ -246,7 +212,7 @@ class SagaRunner:
         events = PendingEvents()
         countdown = backoff_delay(self._settings.step_backoff_s, tries)
         with unit_of_work(self._engine) as session:
-            tenant, attempt = self._fenced(session, ref)
+            tenant, attempt = lock_unfenced(session, ref)
             run = repo.step_run(session, attempt.id, step)
             assert run is not None
             run.error_type = error_type
@@ -287,88 +253,7 @@ class SagaRunner:
     # --- the end of a failed attempt (link_error) ---
     def fail_attempt(self, ref: AttemptRef, step: str | None, exc: BaseException) -> bool:
         """Fail the attempt once: a second call, or a call for a fenced attempt, does nothing."""
-        events = PendingEvents()
-        with unit_of_work(self._engine) as session:
-            try:
-                tenant, attempt = self._fenced(session, ref)
-            except AttemptFenced:
-                return False
-            run = repo.step_run(session, attempt.id, step) if step else None
-            failed = run if run is not None and run.status == StepStatus.FAILED else None
-            if failed is not None:
-                failed_step, error_type = failed.step, failed.error_type or "Error"
-                message, tries = failed.error_message or "", failed.tries
-                retryable = bool(failed.retryable)
-            else:
-                # Our own code failed (not a provider): record what the exception says.
-                failed_step = step or "unknown"
-                # Only a string: other libraries' `error_type` (redis-py's is an enum) would
-                # make the failed event unserialisable and leave the attempt running forever.
-                declared = getattr(exc, "error_type", None)
-                error_type = declared if isinstance(declared, str) and declared else ""
-                error_type = error_type or type(exc).__name__
-                message, tries = str(exc)[:2000], run.tries if run else 1
-                retryable = bool(getattr(exc, "retryable", True))
-                if run is not None:
-                    run.status = StepStatus.FAILED
-                    run.error_type, run.error_message = error_type, message
-                    run.retryable = retryable
-                    session.add(run)
-            previous = None
-            if attempt.number > 1:
-                previous = next(
-                    (
-                        a
-                        for a in repo.attempts_of(session, tenant.id)
-                        if a.number == attempt.number - 1
-                    ),
-                    None,
-                )
-            repeated = rules.is_repeated_failure(
-                repo.failure_of(previous), rules.FailureFacts(failed_step, error_type)
-            )
-            now = datetime.now(UTC)
-            attempt.state = AttemptState.FAILED
-            attempt.ended_at = now
-            attempt.failed_step, attempt.error_type = failed_step, error_type
-            attempt.error_message, attempt.tries = message, tries
-            attempt.retryable, attempt.repeated_failure = retryable, repeated
-            tenant.state = move(tenant, TenantState.FAILED)
-            tenant.failure_reason = "step_failed"
-            tenant.updated_at = now
-            session.add(attempt)
-            session.add(tenant)
-            events.add(
-                session,
-                EventType.FAILED,
-                tenant.slug,
-                attempt_event_data(
-                    tenant,
-                    attempt,
-                    failed_activity=failed_step,
-                    details={"error_type": error_type, "message": message, "tries": tries},
-                    retryable=retryable,
-                    repeated_failure=repeated,
-                    retries_left=rules.retries_left(attempt.number, self._settings.max_retries),
-                ),
-            )
-            token = token_of(attempt.lock_token)
-            started_at = attempt.started_at
-        # Lock first, then events: a retry sent on seeing `failed` must not find it `locked`.
-        if token is not None:
-            self._locks.release_after_commit(ref.slug, token)
-        metrics.attempt_failed(failed_step, error_type, repeated)
-        tracing.attempt_ended(ref, "failed", started_at, now)
-        self._relay.publish_now(events.rows)
-        log.info(
-            "attempt.failed",
-            slug=ref.slug,
-            attempt=ref.attempt_number,
-            step=failed_step,
-            error_type=error_type,
-            repeated_failure=repeated,
-        )
-        return True
+        return self._failure.fail(ref, step, exc)
 
     def release_if_fenced(self, ref: AttemptRef) -> None:
         """A fenced attempt gives back its lock, if it still holds it (never anyone else's)."""
@@ -379,38 +264,6 @@ class SagaRunner:
             self._locks.release(ref.slug, token)
 
     # --- helpers ---
-    def _fenced(self, session: Session, ref: AttemptRef) -> tuple[Tenant, Attempt]:
-        """Load attempt and tenant, holding the tenant's row; raise if the attempt is fenced."""
-        # One query for both (a retried or failing step, the errback); FOR UPDATE OF the
-        # tenant is the row lock repo.lock_tenant takes on PostgreSQL.
-        found = session.exec(
-            select(Attempt, Tenant)
-            .join(Tenant, col(Tenant.id) == col(Attempt.tenant_id))
-            .where(Attempt.id == ref.attempt_id)
-            .with_for_update(of=Tenant)
-        ).first()
-        if found is None:
-            raise AttemptFenced(f"attempt {ref.attempt_id} does not exist")
-        attempt, tenant = found
-        _raise_if_fenced(attempt.number, attempt.epoch, attempt.state, tenant.slug, tenant.epoch)
-        return tenant, attempt
-
-    def _check_fence(self, ref: AttemptRef) -> None:
-        # The same question as _fenced, read only: no write lock to wait for (SQLite's BEGIN
-        # IMMEDIATE) and no ORM objects to build, in the path of every step.
-        with self._engine.connect() as connection:
-            found = connection.execute(
-                select(
-                    col(Attempt.number), col(Attempt.epoch), col(Attempt.state), col(Tenant.epoch)
-                )
-                .join(Tenant, col(Tenant.id) == col(Attempt.tenant_id))
-                .where(col(Attempt.id) == ref.attempt_id)
-            ).first()
-        if found is None:
-            raise AttemptFenced(f"attempt {ref.attempt_id} does not exist")
-        number, attempt_epoch, attempt_state, tenant_epoch = found
-        _raise_if_fenced(number, attempt_epoch, attempt_state, ref.slug, tenant_epoch)
-
     def _context(self, session: Session, tenant: Tenant, attempt: Attempt) -> StepContext:
         # Outputs are read only if a provider asks (check_readiness does), not in every step.
         return step_context(
@@ -419,37 +272,3 @@ class SagaRunner:
             attempt_number=attempt.number,
             outputs=LazyOutputs(self._engine, tenant.id),
         )
-
-
-def _raise_if_fenced(
-    number: int, attempt_epoch: int, attempt_state: str, slug: str, tenant_epoch: int
-) -> None:
-    if attempt_epoch != tenant_epoch or attempt_state != AttemptState.RUNNING:
-        raise AttemptFenced(
-            f"attempt {number} of {slug} is fenced (attempt epoch {attempt_epoch}, tenant "
-            f"epoch {tenant_epoch}, attempt {attempt_state})"
-        )
-
-
-class LazyOutputs(Mapping[str, dict[str, Any]]):
-    """What earlier steps of a tenant made (``repo.latest_outputs``), read on first use."""
-
-    def __init__(self, engine: Engine, tenant_id: str) -> None:
-        self._engine = engine
-        self._tenant_id = tenant_id
-        self._loaded: dict[str, dict[str, Any]] | None = None
-
-    def _outputs(self) -> dict[str, dict[str, Any]]:
-        if self._loaded is None:
-            with Session(self._engine) as session:
-                self._loaded = repo.latest_outputs(session, self._tenant_id)
-        return self._loaded
-
-    def __getitem__(self, step: str) -> dict[str, Any]:
-        return self._outputs()[step]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._outputs())
-
-    def __len__(self) -> int:
-        return len(self._outputs())

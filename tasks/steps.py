@@ -17,7 +17,7 @@ from sagas.errors import AttemptFenced
 from sagas.steps import COMPENSATED, STEPS
 from service.bootstrap import built_container, container
 from service.dispatch import AttemptRef, DecommissionRef
-from service.saga_runner import RetryLater
+from service.step_context import RetryLater
 from tasks.app import app
 
 log = structlog.get_logger(__name__)

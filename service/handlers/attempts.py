@@ -27,7 +27,7 @@ from service.handlers.answers import Outcome, Request, locked_message
 from service.handlers.deps import UseCase
 from service.locks import LockToken
 from service.outbox import PendingEvents
-from service.saga_runner import step_context
+from service.step_context import step_context
 from service.step_runs import announce, attempt_event_data
 
 log = structlog.get_logger(__name__)

@@ -19,7 +19,7 @@ from service.db.models import OutboxEvent, StepRun
 from service.dispatch import AttemptRef, DecommissionRef
 from service.faults import FaultMode
 from service.handlers import Request
-from service.saga_runner import RetryLater, StepDone
+from service.step_context import RetryLater, StepDone
 from tests.support.events import new_slug
 
 pytestmark = pytest.mark.integration

@@ -1,9 +1,15 @@
-"""``python -m bench.profile``: py-spy on the saga worker's pool while sagas run, 8 in flight.
+"""``python -m bench.profile``: where the saga worker's pool spends its time, sagas 8 in flight.
 
-Writes, into ``--out`` (default ``bench/results/profile``), the collapsed stacks (``saga.txt``,
-for speedscope or ``flamegraph.pl``) and ``top.txt``: the share of the samples by what the worker
-was doing (the table of docs/benchmarks.md). ``--bare`` profiles the bare chain's worker
-instead. Needs ``py-spy`` (``pip install py-spy``) and the right to ptrace (root).
+By default py-spy samples the pool (wall time: a process that is runnable but waits for a core
+counts). Writes, into ``--out`` (default ``bench/results/profile``), the collapsed stacks
+(``saga.txt``, for speedscope or ``flamegraph.pl``) and ``top.txt``: the share of the samples by
+what the worker was doing (the tables of docs/benchmarks.md). Needs ``py-spy`` (``pip install
+py-spy``) and the right to ptrace (root).
+
+``--cpu`` profiles CPU time instead, with cProfile on each pool process's own clock
+(``bench/cpu_profile.py``): milliseconds of CPU per step by what the step was doing, and the
+``.prof`` files for ``pstats`` or snakeviz. ``--bare`` and ``--floor`` profile the bare chain or
+the floor (``bench/floor.py``) instead of the saga.
 """
 
 from __future__ import annotations
@@ -18,8 +24,11 @@ import tempfile
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
+from bench import cpu_profile
 from bench.environment import prepare
+from bench.timing import CHAIN_LENGTH
 
 # (category, a frame that puts a sample in it), first match wins: the rows of docs/benchmarks.md.
 CATEGORIES: tuple[tuple[str, str], ...] = (
@@ -81,23 +90,48 @@ def summarise(collapsed: Path, top: Path) -> None:
     top.write_text("\n".join(lines) + "\n")
 
 
+def _cpu(harness: Any, start: Any, sagas: int, name: str, cpu_dir: Path) -> int:
+    """Profile from the pool's start (the warm-up included, as a share it is small), stop the
+    workers warm so that each pool process writes its profile, and print CPU ms per step."""
+    harness.drive(start, sagas, inflight=8)
+    steps = (sagas + 2 * harness.concurrency) * CHAIN_LENGTH
+    harness.stop_processes()
+    worker = "saga" if name == "saga" else "bare"
+    rows = cpu_profile.summary(cpu_dir, worker, steps)
+    width = max(len(label) for label, _ in rows)
+    print(f"CPU per step, {name} ({steps} steps; cProfile inflates ~3x: read the shares)")
+    for label, ms in rows:
+        print(f"  {label:<{width}}  {ms:6.2f} ms")
+    print(f"profiles: {cpu_dir} (pstats, snakeviz)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile")
     parser.add_argument("--sagas", type=int, default=400, help="sagas to run while sampling")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--bare", action="store_true", help="profile the bare chain instead")
+    parser.add_argument("--floor", action="store_true", help="profile the floor's chain instead")
+    parser.add_argument(
+        "--cpu", action="store_true", help="CPU time per step with cProfile, not py-spy samples"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/profile"))
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     args = parser.parse_args(argv)
-    if shutil.which("py-spy") is None and not (Path(sys.executable).parent / "py-spy").exists():
-        parser.error("py-spy is not installed (pip install py-spy)")
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not args.cpu and not Path(py_spy).exists():
+        parser.error("py-spy is not installed (pip install py-spy), or use --cpu")
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "bare" if args.bare else "saga"
+    name = "bare" if args.bare else "floor" if args.floor else "saga"
     workdir = Path(tempfile.mkdtemp(prefix="provisioner-bench-profile-"))
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, workdir, True)
         env = prepare(stack, workdir=workdir, rabbitmq=False, postgres=False)
+        if args.cpu:
+            cpu_dir = args.out / f"cpu-{name}"
+            shutil.rmtree(cpu_dir, ignore_errors=True)
+            cpu_dir.mkdir(parents=True)
+            env.env[cpu_profile.CPU_PROFILE_ENV] = str(cpu_dir.resolve())
         from bench import noop_providers
 
         noop_providers.install()
@@ -111,9 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         harness = Harness(env, services, args.concurrency)
         stack.callback(harness.stop_processes)
         harness.start_processes()
-        start = harness.start_bare if args.bare else harness.start_saga
+        start = {"bare": harness.start_bare, "floor": harness.start_floor}.get(
+            name, harness.start_saga
+        )
         harness.drive(start, 2 * args.concurrency, inflight=2 * args.concurrency)  # warm up
-        worker = harness.bare_worker if args.bare else harness.saga_worker
+        if args.cpu:
+            return _cpu(harness, start, args.sagas, name, cpu_dir)
+        worker = harness.saga_worker if name == "saga" else harness.bare_worker
         assert worker is not None
         raw = args.out / f"{name}.txt"
         recorder = subprocess.Popen(

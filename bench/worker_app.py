@@ -3,12 +3,13 @@ the no-op providers installed first and the step timestamps recorded."""
 
 from __future__ import annotations
 
-from bench import noop_providers, timing
+from bench import cpu_profile, noop_providers, timing
 
 noop_providers.install()
 
 from tasks.app import app  # noqa: E402  (after install: the container is built from it)
 
 timing.connect()
+cpu_profile.install_if_asked("saga")
 
 __all__ = ["app"]

@@ -77,9 +77,10 @@ def test_a_redis_restart_loses_locks_and_plans_but_not_correctness(
     bystanders = [new_slug("rr-run") for _ in range(BYSTANDERS)]
     everyone = [reset_me, hung, *bystanders]
     try:
-        stack.start("listener", ["listen"])
-        stack.start("relay", ["relay"])
-        stack.worker("w1", concurrency=3)
+        stack.start("listener", ["listen"], wait=False)
+        stack.start("relay", ["relay"], wait=False)
+        stack.worker("w1", concurrency=3, wait=False)
+        stack.wait_ready("listener", "relay", "w1")
         faults.add("provision_storage", mode=FaultMode.HANG, tenant=reset_me)
         faults.add("issue_certificate", mode=FaultMode.HANG, tenant=hung)
         for slug in (reset_me, hung):

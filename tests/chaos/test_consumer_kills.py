@@ -126,10 +126,11 @@ def test_listener_relay_and_audit_consumer_killed_mid_stream(
     kills: list[str] = []
     publisher = Publisher(broker_url)
     try:
-        stack.worker("w1", concurrency=2)
-        stack.start("listener", ["listen"])
-        stack.start("relay", ["relay"])
-        stack.start("audit", ["consume"])
+        stack.worker("w1", concurrency=2, wait=False)
+        stack.start("listener", ["listen"], wait=False)
+        stack.start("relay", ["relay"], wait=False)
+        stack.start("audit", ["consume"], wait=False)
+        stack.wait_ready("w1", "listener", "relay", "audit")
 
         # 1. The listener, killed a third of the way through a stream of commands.
         slugs = [new_slug("ck") for _ in range(PROVISIONS)]

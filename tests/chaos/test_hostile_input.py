@@ -31,7 +31,7 @@ from service.publisher import COMMANDS, COMMANDS_QUEUE_DECL
 from tests.support.commands import command_body
 from tests.support.events import new_slug
 from tests.support.hostile import Message, Payload, hostile_messages, serialise
-from tests.support.processes import ServiceProcess, start_listener
+from tests.support.processes import ServiceProcess, start_listeners, stop_together
 from tests.support.stack import wait_until
 from tests.support.workers import WorkerGroup
 
@@ -117,10 +117,9 @@ def traversal_commands(canary: str) -> list[tuple[str, str]]:
 @pytest.fixture
 def listeners(services: Container, workdir: Path) -> Iterator[list[ServiceProcess]]:
     """Two listener processes on the queue: competing consumers, and twice the pace."""
-    started = [start_listener(workdir, name=f"hostile-listener-{n}") for n in (1, 2)]
+    started = start_listeners(workdir, [f"hostile-listener-{n}" for n in (1, 2)])
     yield started
-    for process in started:
-        process.stop()
+    stop_together(started)
 
 
 def tree(root: Path) -> set[str]:

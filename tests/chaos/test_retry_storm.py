@@ -21,7 +21,7 @@ from service.faults import FaultMode
 from service.handlers import Request
 from tests.support.events import EventTap, data_of, new_slug
 from tests.support.outcome import outcomes
-from tests.support.processes import ServiceProcess, start_listener
+from tests.support.processes import ServiceProcess, start_listeners, stop_together
 from tests.support.stack import wait_until
 from tests.support.storm import publish_retries
 from tests.support.workers import WorkerGroup
@@ -34,10 +34,9 @@ PUBLISHERS = 4
 
 @pytest.fixture
 def listeners(services: Container, workdir: Path) -> Iterator[list[ServiceProcess]]:
-    started = [start_listener(workdir, name=f"storm1k-listener-{i}") for i in range(2)]
+    started = start_listeners(workdir, [f"storm1k-listener-{i}" for i in range(2)])
     yield started
-    for listener in started:
-        listener.stop()
+    stop_together(started)
 
 
 def answers(services: Container, slug: str) -> list[dict[str, object]]:

@@ -108,9 +108,12 @@ def test_sigkill_mid_step_20_times(
     plans = []
     try:
         for name in ("listener", "relay", "audit"):
-            stack.start(name, [{"listener": "listen", "audit": "consume"}.get(name, name)])
+            stack.start(
+                name, [{"listener": "listen", "audit": "consume"}.get(name, name)], wait=False
+            )
         for name in WORKERS:
-            stack.worker(name)
+            stack.worker(name, wait=False)
+        stack.wait_ready("listener", "relay", "audit", *WORKERS)
         # Every saga hangs twice in provision_storage, once in issue_certificate and once in
         # configure_admin_console: a kill lands in a hanging step, the step is handed out again and
         # hangs again while tries last (more than 20 in all: a stranded saga hangs no more).

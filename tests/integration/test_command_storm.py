@@ -16,7 +16,7 @@ from service.handlers import Request
 from service.publisher import Publisher
 from tests.support.commands import command_body
 from tests.support.events import EventTap, data_of, new_slug
-from tests.support.processes import ServiceProcess, start_listener
+from tests.support.processes import ServiceProcess, start_listeners, stop_together
 
 pytestmark = pytest.mark.integration
 
@@ -25,10 +25,9 @@ STORM = 50
 
 @pytest.fixture
 def two_listeners(services: Container, workdir: Path) -> Iterator[list[ServiceProcess]]:
-    listeners = [start_listener(workdir, name=f"storm-listener-{i}") for i in range(2)]
+    listeners = start_listeners(workdir, [f"storm-listener-{i}" for i in range(2)])
     yield listeners
-    for listener in listeners:
-        listener.stop()
+    stop_together(listeners)
 
 
 def test_a_retry_storm_starts_exactly_one_attempt(

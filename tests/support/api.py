@@ -44,6 +44,7 @@ class EnvServiceProcess(ServiceProcess):
         return merged
 
     def start(self) -> EnvServiceProcess:
+        self._terminated = False
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [PYTHON, "-m", "service", *self.args],

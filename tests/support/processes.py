@@ -7,11 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
 
 PYTHON = sys.executable
+WORKER_READY = "ready."
 
 
 class ServiceProcess:
@@ -20,8 +22,10 @@ class ServiceProcess:
         self.args = args
         self.log_path = log_dir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self._terminated = False
 
     def start(self) -> ServiceProcess:
+        self._terminated = False
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [PYTHON, "-m", "service", *self.args],
@@ -56,10 +60,19 @@ class ServiceProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def terminate(self) -> None:
+        """SIGTERM to its process group, once, without waiting for it to end."""
+        if self._terminated or self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.pid, signal.SIGTERM)
+        self._terminated = True
+
     def stop(self, timeout: float = 20.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        os.killpg(self.pid, signal.SIGTERM)
+        # No second SIGTERM if stop_together sent one: each is a new shutdown request to the
+        # process (a Celery worker runs its shutdown handler again).
+        self.terminate()
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -67,8 +80,23 @@ class ServiceProcess:
             self.process.wait()
 
 
+def stop_together(processes: Iterable[ServiceProcess], timeout: float = 20.0) -> None:
+    """Stop several processes: SIGTERM to all, then wait for each (SIGKILL past ``timeout``), so
+    that their shutdowns overlap instead of adding up."""
+    stopping = list(processes)
+    for process in stopping:
+        process.terminate()
+    for process in stopping:
+        process.stop(timeout)
+
+
 def start_worker(
-    log_dir: Path, name: str = "worker", concurrency: int = 3, extra: list[str] | None = None
+    log_dir: Path,
+    name: str = "worker",
+    concurrency: int = 3,
+    extra: list[str] | None = None,
+    *,
+    wait: bool = True,
 ) -> ServiceProcess:
     worker = ServiceProcess(
         name,
@@ -82,14 +110,25 @@ def start_worker(
         ],
         log_dir,
     ).start()
-    worker.wait_ready("ready.")
+    if wait:
+        worker.wait_ready(WORKER_READY)
     return worker
 
 
 def start_listener(log_dir: Path, name: str = "listener") -> ServiceProcess:
-    listener = ServiceProcess(name, ["listen"], log_dir).start()
-    listener.wait_ready("listener.started")
-    return listener
+    return start_listeners(log_dir, [name])[0]
+
+
+def start_listeners(log_dir: Path, names: Iterable[str]) -> list[ServiceProcess]:
+    """Listeners started together, then awaited: their start-ups (mostly imports) overlap."""
+    listeners = [ServiceProcess(name, ["listen"], log_dir).start() for name in names]
+    try:
+        for listener in listeners:
+            listener.wait_ready("listener.started")
+    except BaseException:
+        stop_together(listeners)
+        raise
+    return listeners
 
 
 def start_relay(log_dir: Path, name: str = "relay") -> ServiceProcess:

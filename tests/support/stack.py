@@ -83,6 +83,13 @@ class Stack:
             process.wait_ready(READY[args[0]], timeout=90)
         return process
 
+    def wait_ready(self, *names: str) -> None:
+        """Await processes started with ``wait=False``: started together, then awaited, their
+        start-ups (mostly imports) overlap instead of adding up."""
+        for name in names:
+            process = self.processes[name]
+            process.wait_ready(READY[process.args[0]], timeout=90)
+
     def worker(self, name: str, concurrency: int = 2, *, wait: bool = True) -> EnvServiceProcess:
         return self.start(
             name,
@@ -106,6 +113,12 @@ class Stack:
         return process is not None and process.poll() is None
 
     def stop_all(self) -> None:
+        # SIGTERM to all first: the shutdowns overlap.
+        for process in self.processes.values():
+            try:
+                process.terminate()
+            except Exception:  # noqa: S112 (best effort at teardown)
+                continue
         for process in self.processes.values():
             try:
                 process.stop(timeout=15)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.support.processes import ServiceProcess, start_worker
+from tests.support.processes import WORKER_READY, ServiceProcess, start_worker, stop_together
 
 
 def worker_count() -> int:
@@ -40,8 +40,7 @@ class WorkerGroup:
         return "".join(w.log_text() for w in self.workers)
 
     def stop(self) -> None:
-        for w in self.workers:
-            w.stop()
+        stop_together(self.workers)
 
 
 def start_workers(log_dir: Path, count: int, concurrency: int) -> WorkerGroup:
@@ -52,8 +51,13 @@ def start_workers(log_dir: Path, count: int, concurrency: int) -> WorkerGroup:
     each = max(2, concurrency // count)
     workers: list[ServiceProcess] = []
     try:
+        # All started, then all awaited: their start-ups overlap.
         for number in range(1, count + 1):
-            workers.append(start_worker(log_dir, name=f"worker-{number}", concurrency=each))
+            workers.append(
+                start_worker(log_dir, name=f"worker-{number}", concurrency=each, wait=False)
+            )
+        for worker in workers:
+            worker.wait_ready(WORKER_READY)
     except BaseException:
         WorkerGroup(workers).stop()
         raise

@@ -15,6 +15,7 @@ from sagas.errors import StepFailedForGood
 from sagas.messages import CommandType
 from sagas.steps import STEPS
 from service.bootstrap import Container, build_container
+from service.db.engine import unit_of_work
 from service.db.models import OutboxEvent, StepRun
 from service.dispatch import AttemptRef, DecommissionRef
 from service.faults import FaultMode
@@ -132,14 +133,15 @@ def test_a_step_with_no_announcement_is_announced_by_its_own_task(
     """A chain sent before steps were announced: its next step's task finds no row."""
     ref = started(local, dispatcher)
     local.runner.run_step(ref, "validate", first_delivery=True)
-    with Session(local.engine) as session:
+    # A write transaction from its start (BEGIN IMMEDIATE), as the service's own: a deferred one
+    # that read first cannot take the write lock once the outbox marks' thread has written.
+    with unit_of_work(local.engine) as session:
         row = session.exec(
             select(StepRun).where(
                 StepRun.attempt_id == ref.attempt_id, StepRun.step == "reserve_slot"
             )
         ).one()
         session.delete(row)
-        session.commit()
     before = events(local, ref)
 
     local.runner.run_step(ref, "reserve_slot", first_delivery=True)

@@ -40,7 +40,7 @@ from service.step_context import (
     step_context,
     token_of,
 )
-from service.step_runs import announce, read_pickup
+from service.step_runs import PickupRead, announce
 
 # Re-exported: the contract tests build attempt events with it.
 from service.step_runs import attempt_event_data as attempt_event_data
@@ -72,6 +72,7 @@ class SagaRunner:
         self._faults = faults
         self._relay = relay
         self._completion = StepCompletion(engine, settings)
+        self._read_pickup = PickupRead(engine)
         self._preflight = StepPreflight(locks, faults)
         self._failure = AttemptFailure(engine=engine, settings=settings, locks=locks, relay=relay)
 
@@ -124,7 +125,7 @@ class SagaRunner:
     def _pick_up(self, ref: AttemptRef, step: str) -> _Begun | StepDone | None:
         """The step as the previous step's completion announced it, read without a write:
         None when there is no row to run on (a chain sent before steps were announced)."""
-        found = read_pickup(self._engine, ref, step)
+        found = self._read_pickup(ref, step)
         if found is None:
             raise AttemptFenced(f"attempt {ref.attempt_id} does not exist")
         raise_if_fenced(

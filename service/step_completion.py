@@ -1,8 +1,9 @@
-"""A step's completion transaction, in Core SQL: the fence, the step's row, the tenant's end
-when it is the last step, the next step's announcement, and the outbox rows.
+"""A step's completion transaction: the fence, the step's row, the tenant's end when it is the
+last step, the next step's announcement, and the outbox rows.
 
-It runs once in every step of every saga; the ORM's unit of work (identity map, flush
-ordering, object state) cost more than the statements themselves there (docs/benchmarks.md).
+It runs once in every step of every saga, so its statements are compiled once per dialect and
+run on the driver's cursor (service/db/driver_statements.py): the ORM's unit of work, and then
+Core's per-execution work, cost more than the statements themselves (docs/benchmarks.md).
 The fence is read in the same transaction as the writes, holding the tenant's row
 (``FOR UPDATE OF tenants`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` serialises writers).
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, insert, select, update
+from sqlalchemy import Engine, and_, bindparam, insert, inspect, select, update
 from sqlmodel import col
 
 from config.settings import Settings
@@ -21,6 +22,7 @@ from sagas.errors import AttemptFenced
 from sagas.messages import EventType
 from sagas.states import AttemptState, StepStatus, TenantState, transition
 from sagas.steps import next_step
+from service.db.driver_statements import DriverStatement
 from service.db.engine import WRITE_OPTION
 from service.db.models import Attempt, OutboxEvent, StepRun, Tenant
 from service.dispatch import AttemptRef
@@ -41,9 +43,8 @@ class Completion:
     now: datetime
 
 
-# Built once: building a statement (coercing every column and operator) cost more than running
-# it from SQLAlchemy's compiled cache. Each execution passes its parameters only; a bound
-# parameter takes its column's type (JSON, UTC datetimes).
+# Each execution passes its parameters only; a bound parameter takes its column's type (JSON,
+# UTC datetimes).
 _FENCE_AND_RUN = (
     select(
         col(Attempt.number),
@@ -97,24 +98,53 @@ _SUCCEED_ATTEMPT = (
         ended_at=bindparam("now"),
     )
 )
-_ANNOUNCE_RUN = insert(StepRun)
-# A step's two events in one statement (a multi-row INSERT ... RETURNING), ids in their order.
-_INSERT_OUTBOX = insert(OutboxEvent).returning(col(OutboxEvent.id), sort_by_parameter_order=True)
+_ANNOUNCE_RUN = insert(StepRun).values(
+    {
+        name: bindparam(name)
+        for name in ("attempt_id", "tenant_id", "step", "status", "tries", "output", "started_at")
+    }
+)
+_OUTBOX_COLUMNS = ("event_id", "type", "subject", "body", "created_at")
+_OUTBOX_TYPES = {name: inspect(OutboxEvent).columns[name].type for name in _OUTBOX_COLUMNS}
+# A step's two events, in one statement. A multi-row INSERT's RETURNING does not promise the
+# rows' order: each id comes back with its event's id.
+_EVENTS_PER_STEP = 2
+_INSERT_OUTBOX = (
+    insert(OutboxEvent)
+    .values(
+        [
+            # Typed: SQLAlchemy gives the column's type to the first row's parameters only.
+            {
+                name: bindparam(f"{name}_{row}", type_=_OUTBOX_TYPES[name])
+                for name in _OUTBOX_COLUMNS
+            }
+            for row in range(_EVENTS_PER_STEP)
+        ]
+    )
+    .returning(col(OutboxEvent.id), col(OutboxEvent.event_id))
+)
 
 
 class StepCompletion:
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self._writer = engine.execution_options(**{WRITE_OPTION: True})
         self._settings = settings
+        dialect = engine.dialect
+        self._fence_and_run = DriverStatement(_FENCE_AND_RUN, dialect)
+        self._complete_run = DriverStatement(_COMPLETE_RUN, dialect)
+        self._activate_tenant = DriverStatement(_ACTIVATE_TENANT, dialect)
+        self._succeed_attempt = DriverStatement(_SUCCEED_ATTEMPT, dialect)
+        self._announce_run = DriverStatement(_ANNOUNCE_RUN, dialect)
+        self._insert_outbox = DriverStatement(_INSERT_OUTBOX, dialect)
 
     def complete(
         self, ref: AttemptRef, step: str, output: dict[str, Any], duration_ms: int
     ) -> Completion:
         now = datetime.now(UTC)
         with self._writer.begin() as connection:
-            found = connection.execute(
-                _FENCE_AND_RUN, {"step": step, "attempt_id": ref.attempt_id}
-            ).first()
+            found = self._fence_and_run.first(
+                connection, {"step": step, "attempt_id": ref.attempt_id}
+            )
             if found is None:
                 raise AttemptFenced(f"attempt {ref.attempt_id} does not exist")
             number, attempt_epoch, attempt_state, lock_token, started_at = found[:5]
@@ -131,8 +161,8 @@ class StepCompletion:
                 # first one completed it and announced the next step.
                 return Completion(dict(run_output or {}), [], lock_token, False, None, now)
 
-            connection.execute(
-                _COMPLETE_RUN,
+            self._complete_run.run(
+                connection,
                 {"run_id": run_id, "output": dict(output), "now": now, "duration_ms": duration_ms},
             )
             following = next_step(step)
@@ -140,10 +170,10 @@ class StepCompletion:
                 current = TenantState(tenant_state)
                 if current is not TenantState.ACTIVE:
                     tenant_state = transition(current, TenantState.ACTIVE).value
-                connection.execute(
-                    _ACTIVATE_TENANT, {"tenant_id": tenant_id, "state": tenant_state, "now": now}
+                self._activate_tenant.run(
+                    connection, {"tenant_id": tenant_id, "state": tenant_state, "now": now}
                 )
-                connection.execute(_SUCCEED_ATTEMPT, {"attempt_id": ref.attempt_id, "now": now})
+                self._succeed_attempt.run(connection, {"attempt_id": ref.attempt_id, "now": now})
             about = {
                 "tenant_id": tenant_id,
                 "slug": slug,
@@ -153,8 +183,8 @@ class StepCompletion:
             completed = {**about, "step": step, "duration_ms": duration_ms, "output": dict(output)}
             events = [_event(now, EventType.STEP_COMPLETED, slug, completed)]
             if following is not None:
-                connection.execute(
-                    _ANNOUNCE_RUN,
+                self._announce_run.run(
+                    connection,
                     {
                         "attempt_id": ref.attempt_id,
                         "tenant_id": tenant_id,
@@ -175,10 +205,18 @@ class StepCompletion:
                     "duration_ms": int((now - began).total_seconds() * 1000),
                 }
                 events.append(_event(now, EventType.COMPLETED, slug, ended))
-            ids = connection.execute(_INSERT_OUTBOX, events).scalars()
+            written = self._insert_outbox.all(
+                connection,
+                {
+                    f"{name}_{row}": values[name]
+                    for row, values in enumerate(events)
+                    for name in _OUTBOX_COLUMNS
+                },
+            )
+            ids = {event_id: row_id for row_id, event_id in written}
             rows = [
-                WrittenEvent(row_id, values["type"], values["body"])
-                for row_id, values in zip(ids, events, strict=True)
+                WrittenEvent(ids[values["event_id"]], values["type"], values["body"])
+                for values in events
             ]
         return Completion(dict(output), rows, lock_token, following is None, started_at, now)
 

@@ -16,6 +16,7 @@ from sqlmodel import Session, col
 
 from sagas.messages import EventType
 from sagas.states import StepStatus
+from service.db.driver_statements import DriverStatement
 from service.db.models import Attempt, StepRun, Tenant
 from service.dispatch import AttemptRef
 from service.outbox import PendingEvents
@@ -74,7 +75,6 @@ class Pickup:
     run_error_message: str | None
 
 
-# Built once (building it cost more than running it from the compiled cache).
 _PICKUP = (
     select(
         col(Attempt.number),
@@ -102,12 +102,22 @@ _PICKUP = (
 )
 
 
-def read_pickup(engine: Engine, ref: AttemptRef, step: str) -> Pickup | None:
-    """One read, no write lock (SQLite readers do not wait for writers in WAL mode)."""
-    with engine.connect() as connection:
-        row = connection.execute(_PICKUP, {"step": step, "attempt_id": ref.attempt_id}).first()
-    if row is None:
-        return None
+class PickupRead:
+    """The pick-up read of ``engine``'s dialect, compiled once and run on the driver's cursor
+    (it runs in every step: service/db/driver_statements.py)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._statement = DriverStatement(_PICKUP, engine.dialect)
+
+    def __call__(self, ref: AttemptRef, step: str) -> Pickup | None:
+        """One read, no write lock (SQLite readers do not wait for writers in WAL mode)."""
+        with self._engine.connect() as connection:
+            row = self._statement.first(connection, {"step": step, "attempt_id": ref.attempt_id})
+        return None if row is None else _pickup(row)
+
+
+def _pickup(row: tuple[Any, ...]) -> Pickup:
     return Pickup(
         attempt_number=row[0],
         attempt_epoch=row[1],

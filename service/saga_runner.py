@@ -97,7 +97,9 @@ class SagaRunner:
             # step that put it back would refuse the operator's retry as `locked`.
             nonlocal last_renewal
             if token is not None and time.monotonic() - last_renewal >= LOCK_RENEW_EVERY_S:
-                self._locks.extend(ref.slug, token)
+                if not self._locks.extend(ref.slug, token):
+                    # Reset (or expired and taken): the operator should see the hung step let go.
+                    log.warning("lock.lost_while_hanging", step=step, slug=ref.slug)
                 last_renewal = time.monotonic()
 
         try:

@@ -18,7 +18,6 @@ lost broker, not a lost lock, and out of this test's scope; see docs/design-note
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,8 +133,16 @@ def test_a_redis_restart_loses_locks_and_plans_but_not_correctness(
             (answer,) = [d for d in data_of(events, REJECTED) if d["command_id"] == command_id]
             assert answer["reason"] in ("not_failed", "locked"), answer
 
-        # The reset attempt's hung step woke (its plan is gone) and wrote nothing.
-        time.sleep(2.0)
+        # The reset attempt's hung step woke (its plan is gone), found itself fenced and wrote
+        # nothing.
+        wait_until(
+            lambda: any(
+                "step.fenced" in line and reset_me in line
+                for line in stack.processes["w1"].log_text().splitlines()
+            ),
+            30,
+            "the reset attempt's step to wake and find itself fenced",
+        )
         assert step_runs(services.engine, old_attempt) == fenced_before
         assert not redis.exists(f"{LOCK_PREFIX}{reset_me}"), "a fenced step took a lock back"
         send(publisher, "tenant.retry_requested", reset_me)

@@ -32,15 +32,9 @@ from service.embedded_redis import (
 )
 from service.faults import FaultMode, FaultPlans
 from service.locks import LockToken, TenantLocks
+from tests.support.environment import free_port
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def port_is_free(port: int) -> bool:

@@ -19,7 +19,8 @@ from sagas.messages import CommandType
 from sagas.steps import STEPS
 from service.bootstrap import Container
 from service.handlers import Request
-from tests.support.api import free_port, wait_until
+from tests.support.api import wait_until
+from tests.support.environment import free_port
 from tests.support.events import EventTap, new_slug, settled
 from tests.support.processes import PYTHON, ServiceProcess
 

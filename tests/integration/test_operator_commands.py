@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from typing import Any
 
 import pytest
@@ -15,6 +14,7 @@ from service.bootstrap import Container
 from service.db.models import Attempt, OutboxEvent, StepRun, Tenant
 from service.faults import FaultMode
 from service.handlers import Outcome, Request
+from tests.support.api import wait_until
 from tests.support.events import EventTap, data_of, new_slug, settled
 from tests.support.processes import ServiceProcess
 
@@ -229,8 +229,15 @@ def test_hang_locked_reset_fences_the_old_attempt_then_retry_succeeds(
     assert event["lock_released"] is True
     assert event["requested_by"] == "ops"
     assert event["state"] == "failed"
-    # the step is still hung, yet it does not take the lock back
-    time.sleep(1.0)
+    # the step is still hung; its next renewal finds the lock gone and does not take it back
+    wait_until(
+        lambda: any(
+            "lock.lost_while_hanging" in line and slug in line
+            for line in worker.log_text().splitlines()
+        ),
+        30,
+        "the hung step's renewal after the reset",
+    )
     assert not services.locks.is_held(slug)
 
     with Session(services.engine) as session:
@@ -240,7 +247,13 @@ def test_hang_locked_reset_fences_the_old_attempt_then_retry_succeeds(
     tenant = tenant_of(services, slug)
     # wake the hung step: it must write nothing, emit nothing and stop its chain
     clear_faults_of(services, slug)
-    time.sleep(2.0)
+    wait_until(
+        lambda: any(
+            "step.fenced" in line and slug in line for line in worker.log_text().splitlines()
+        ),
+        30,
+        "the old step to wake and find itself fenced",
+    )
     with Session(services.engine) as session:
         outbox_after = len(
             session.exec(select(OutboxEvent).where(OutboxEvent.subject == slug)).all()

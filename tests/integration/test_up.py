@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import psutil
@@ -13,6 +12,8 @@ import pytest
 from sagas.messages import CommandType
 from service.bootstrap import Container
 from service.handlers import Request
+from tests.support.api import EnvServiceProcess, wait_until
+from tests.support.environment import free_port
 from tests.support.events import EventTap, new_slug
 from tests.support.processes import ServiceProcess
 
@@ -30,19 +31,14 @@ def child_running(up: ServiceProcess, argv_part: str) -> list[psutil.Process]:
     return found
 
 
-def wait_until(predicate: object, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.2)
-    raise AssertionError("timed out")
-
-
 def test_up_runs_the_service_restarts_a_dead_child_and_stops_on_sigterm(
     services: Container, tap: EventTap, workdir: Path
 ) -> None:
-    up = ServiceProcess(f"up-{new_slug('u')}", ["up", "--concurrency", "1"], workdir).start()
+    # The API port is picked now, not when the session started minutes ago.
+    api_bind: dict[str, str | None] = {"PROVISIONER_API_BIND": f"127.0.0.1:{free_port()}"}
+    up = EnvServiceProcess(
+        f"up-{new_slug('u')}", ["up", "--concurrency", "1"], workdir, api_bind
+    ).start()
     try:
         up.wait_ready("listener.started", timeout=90)
         up.wait_ready("ready.", timeout=90)  # the Celery worker
@@ -53,8 +49,12 @@ def test_up_runs_the_service_restarts_a_dead_child_and_stops_on_sigterm(
 
         [listener] = child_running(up, "service listen")
         os.kill(listener.pid, signal.SIGKILL)
-        wait_until(lambda: "supervisor.restarting" in up.log_text())
-        wait_until(lambda: any(p.pid != listener.pid for p in child_running(up, "service listen")))
+        wait_until(lambda: "supervisor.restarting" in up.log_text(), 60, "the restart")
+        wait_until(
+            lambda: any(p.pid != listener.pid for p in child_running(up, "service listen")),
+            60,
+            "a new listener",
+        )
 
         children = up.children()
         assert up.process is not None

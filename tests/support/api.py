@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.error
@@ -12,16 +11,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.support.environment import free_port
 from tests.support.processes import PYTHON, ServiceProcess
 
 API_TOKEN = "test-token-not-secret"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class EnvServiceProcess(ServiceProcess):

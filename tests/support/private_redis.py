@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-from tests.support.api import free_port
+from tests.support.environment import free_port
 
 
 class PrivateRedis:

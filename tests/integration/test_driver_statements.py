@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
+    create_engine,
     insert,
     select,
     update,
@@ -30,6 +31,8 @@ from sqlmodel.sql.sqltypes import AutoString, UTCDateTime
 from service.bootstrap import Container
 from service.db.driver_statements import DriverStatement
 from service.db.engine import WRITE_OPTION
+from service.dispatch import AttemptRef
+from service.step_runs import PickupRead
 
 pytestmark = pytest.mark.integration
 
@@ -181,3 +184,20 @@ def test_a_missing_parameter_is_named(engine: Engine) -> None:
     )
     with engine.connect() as connection, pytest.raises(KeyError, match="name"):
         read.first(connection, {})
+
+
+def test_the_pickup_read_leaves_the_pools_connections_transactional(services: Container) -> None:
+    # One connection in the pool: the transaction after the read gets the read's connection.
+    # On PostgreSQL the read runs without a transaction; a connection that went back to the
+    # pool in autocommit would let the completion's FOR UPDATE lock nothing.
+    engine = create_engine(services.settings.database_url, pool_size=1, max_overflow=0)
+    try:
+        read = PickupRead(engine)
+        missing = AttemptRef(slug="nobody", attempt_number=1, attempt_id=str(uuid.uuid4()))
+        assert read(missing, "validate") is None
+        with engine.begin() as connection:
+            assert connection.get_isolation_level() != "AUTOCOMMIT"
+            driver = connection.connection.driver_connection
+            assert not getattr(driver, "autocommit", False)
+    finally:
+        engine.dispose()

@@ -86,10 +86,17 @@ class DriverStatement:
                 return []
             raw = cursor.fetchall() if many else [row for row in [cursor.fetchone()] if row]
         except self._dialect.loaded_dbapi.Error as exc:
-            if self._dialect.is_disconnect(exc, fairy.dbapi_connection, cursor):
+            disconnected = self._dialect.is_disconnect(exc, fairy.dbapi_connection, cursor)
+            if disconnected:
+                # As Connection.execute does: the pool opens a new connection next time.
                 connection.invalidate(exc)
             raise DBAPIError.instance(
-                self.sql, values, exc, self._dialect.loaded_dbapi.Error
+                self.sql,
+                values,
+                exc,
+                self._dialect.loaded_dbapi.Error,
+                connection_invalidated=disconnected,
+                dialect=self._dialect,
             ) from exc
         finally:
             cursor.close()

@@ -5,6 +5,8 @@ the scaled-out pass."""
 
 from __future__ import annotations
 
+import os
+import socket
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -14,6 +16,7 @@ import pytest
 from sqlalchemy import (
     JSON,
     Column,
+    Connection,
     Engine,
     Integer,
     MetaData,
@@ -25,12 +28,12 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel.sql.sqltypes import AutoString, UTCDateTime
 
 from service.bootstrap import Container
 from service.db.driver_statements import DriverStatement
-from service.db.engine import WRITE_OPTION
+from service.db.engine import WRITE_OPTION, make_engine
 from service.dispatch import AttemptRef
 from service.step_runs import PickupRead
 
@@ -199,5 +202,57 @@ def test_the_pickup_read_leaves_the_pools_connections_transactional(services: Co
             assert connection.get_isolation_level() != "AUTOCOMMIT"
             driver = connection.connection.driver_connection
             assert not getattr(driver, "autocommit", False)
+    finally:
+        engine.dispose()
+
+
+POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def postgres_url() -> str:
+    url = os.environ.get("TEST_DATABASE_URL") or POSTGRES_URL
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+            return url
+    except OSError:
+        if os.environ.get("CI"):  # CI starts PostgreSQL (.ci/run): its absence is a failure
+            pytest.fail("needs PostgreSQL on 127.0.0.1:5432 (a server to lose a connection to)")
+        pytest.skip("needs PostgreSQL on 127.0.0.1:5432 (a server to lose a connection to)")
+
+
+def pid_of(connection: Connection) -> int:
+    return int(connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+
+
+def terminate(admin: Connection, backend: int) -> None:
+    admin.exec_driver_sql(f"SELECT pg_terminate_backend({backend})")
+    admin.commit()
+
+
+def test_a_lost_connection_is_invalidated_and_the_next_checkout_gets_a_new_one() -> None:
+    # On PostgreSQL in every pass (SQLite has no server to lose): the backend behind a pooled
+    # connection is terminated, as a database restart or a failover would.
+    engine = make_engine(postgres_url())
+    one = DriverStatement(select(bindparam("value", type_=Integer)), engine.dialect)
+    try:
+        with engine.connect() as admin:
+            with engine.connect() as pooled:
+                assert one.first(pooled, {"value": 1}) == (1,)
+                backend = pid_of(pooled)
+            # Back in the pool (first in line for the next checkout), and its backend gone.
+            terminate(admin, backend)
+
+        with engine.connect() as admin, engine.connect() as connection:
+            # The pool's pre-ping replaced the dead connection at checkout: nothing to see.
+            assert one.first(connection, {"value": 2}) == (2,)
+            terminate(admin, pid_of(connection))
+            # Lost while checked out: SQLAlchemy's error, the connection marked invalid.
+            with pytest.raises(OperationalError) as raised:
+                one.first(connection, {"value": 3})
+            assert raised.value.connection_invalidated
+            assert connection.invalidated
+
+        with engine.connect() as connection:
+            assert one.first(connection, {"value": 4}) == (4,)
     finally:
         engine.dispose()

@@ -20,11 +20,11 @@ import redis
 from tests.support.environment import (
     CLAIM_KEY,
     CLAIM_TTL_S,
+    DEFAULT_POSTGRES_URL,
     REDIS_HOST_URL,
     postgres_schema_url,
 )
 
-DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672"
 
 

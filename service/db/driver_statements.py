@@ -60,31 +60,27 @@ class DriverStatement:
         ]
 
     def first(self, connection: Connection, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
-        rows = self._run(connection, params, many=False)
+        rows = self._run(connection, params, fetch=1)
         return rows[0] if rows else None
 
     def all(self, connection: Connection, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-        return self._run(connection, params, many=True)
+        return self._run(connection, params, fetch=None)
 
     def run(self, connection: Connection, params: Mapping[str, Any]) -> None:
-        self._run(connection, params, many=False, fetch=False)
+        self._run(connection, params, fetch=0)
 
     def _run(
-        self,
-        connection: Connection,
-        params: Mapping[str, Any],
-        *,
-        many: bool,
-        fetch: bool = True,
+        self, connection: Connection, params: Mapping[str, Any], *, fetch: int | None
     ) -> list[tuple[Any, ...]]:
+        """``fetch``: how many rows to read back (None: all of them)."""
         values = self._parameters(params)
         fairy = connection.connection
         cursor = fairy.cursor()
         try:
             cursor.execute(self.sql, values)
-            if not fetch or cursor.description is None:
+            if fetch == 0 or cursor.description is None:
                 return []
-            raw = cursor.fetchall() if many else [row for row in [cursor.fetchone()] if row]
+            raw = cursor.fetchall() if fetch is None else cursor.fetchmany(fetch)
         except self._dialect.loaded_dbapi.Error as exc:
             disconnected = self._dialect.is_disconnect(exc, fairy.dbapi_connection, cursor)
             if disconnected:

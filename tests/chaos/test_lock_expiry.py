@@ -22,6 +22,7 @@ from service.locks import LockToken
 from service.saga_runner import LOCK_RENEW_EVERY_S
 from tests.support.events import EventTap, data_of, new_slug
 from tests.support.outcome import attempt_ids, outcomes, step_runs
+from tests.support.processes import logged
 from tests.support.stack import wait_until
 from tests.support.workers import WorkerGroup
 
@@ -78,9 +79,7 @@ def test_an_expired_lock_never_lets_the_old_attempt_finish_behind_a_new_one(
         # leaves attempt 2's lock alone.
         services.faults.clear(old_hang.id)
         wait_until(
-            lambda: any(
-                "step.fenced" in line and slug in line for line in worker.log_text().splitlines()
-            ),
+            lambda: logged(worker.log_text(), "step.fenced", slug),
             30,
             "the old step to wake and find itself fenced",
         )

@@ -33,6 +33,7 @@ from tests.support.commands import send
 from tests.support.events import EventTap, data_of, new_slug
 from tests.support.outcome import SETTLED, attempt_ids, outcomes, settled, step_runs
 from tests.support.private_redis import PrivateRedis
+from tests.support.processes import logged
 from tests.support.stack import Stack, fresh_rabbitmq_broker, rabbitmq_available, wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(180)]
@@ -136,10 +137,7 @@ def test_a_redis_restart_loses_locks_and_plans_but_not_correctness(
         # The reset attempt's hung step woke (its plan is gone), found itself fenced and wrote
         # nothing.
         wait_until(
-            lambda: any(
-                "step.fenced" in line and reset_me in line
-                for line in stack.processes["w1"].log_text().splitlines()
-            ),
+            lambda: logged(stack.processes["w1"].log_text(), "step.fenced", reset_me),
             30,
             "the reset attempt's step to wake and find itself fenced",
         )

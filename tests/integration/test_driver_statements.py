@@ -36,6 +36,7 @@ from service.db.driver_statements import DriverStatement
 from service.db.engine import WRITE_OPTION, make_engine
 from service.dispatch import AttemptRef
 from service.step_runs import PickupRead
+from tests.support.environment import DEFAULT_POSTGRES_URL
 
 pytestmark = pytest.mark.integration
 
@@ -206,11 +207,8 @@ def test_the_pickup_read_leaves_the_pools_connections_transactional(services: Co
         engine.dispose()
 
 
-POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
 def postgres_url() -> str:
-    url = os.environ.get("TEST_DATABASE_URL") or POSTGRES_URL
+    url = os.environ.get("TEST_DATABASE_URL") or DEFAULT_POSTGRES_URL
     try:
         with socket.create_connection(("127.0.0.1", 5432), timeout=1):
             return url

@@ -16,7 +16,7 @@ from service.faults import FaultMode
 from service.handlers import Outcome, Request
 from tests.support.api import wait_until
 from tests.support.events import EventTap, data_of, new_slug, settled
-from tests.support.processes import ServiceProcess
+from tests.support.processes import ServiceProcess, logged
 
 pytestmark = pytest.mark.integration
 
@@ -231,10 +231,7 @@ def test_hang_locked_reset_fences_the_old_attempt_then_retry_succeeds(
     assert event["state"] == "failed"
     # the step is still hung; its next renewal finds the lock gone and does not take it back
     wait_until(
-        lambda: any(
-            "lock.lost_while_hanging" in line and slug in line
-            for line in worker.log_text().splitlines()
-        ),
+        lambda: logged(worker.log_text(), "lock.lost_while_hanging", slug),
         30,
         "the hung step's renewal after the reset",
     )
@@ -248,9 +245,7 @@ def test_hang_locked_reset_fences_the_old_attempt_then_retry_succeeds(
     # wake the hung step: it must write nothing, emit nothing and stop its chain
     clear_faults_of(services, slug)
     wait_until(
-        lambda: any(
-            "step.fenced" in line and slug in line for line in worker.log_text().splitlines()
-        ),
+        lambda: logged(worker.log_text(), "step.fenced", slug),
         30,
         "the old step to wake and find itself fenced",
     )

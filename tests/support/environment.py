@@ -45,6 +45,10 @@ def claim_redis_db() -> int:
     raise RuntimeError("no free Redis database 1..15 for this test session")
 
 
+# The PostgreSQL the machine runs (bin/test's default for TEST_DATABASE_URL too).
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
 def postgres_schema_url(base: str) -> tuple[str, str]:
     """A fresh schema in the PostgreSQL database ``base``, and a URL whose search_path is it."""
     import psycopg

@@ -16,6 +16,11 @@ PYTHON = sys.executable
 WORKER_READY = "ready."
 
 
+def logged(log_text: str, event: str, slug: str) -> bool:
+    """Whether a line of ``log_text`` records ``event`` for the tenant ``slug``."""
+    return any(event in line and slug in line for line in log_text.splitlines())
+
+
 class ServiceProcess:
     def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
         self.name = name

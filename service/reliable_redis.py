@@ -4,8 +4,11 @@ kombu takes a message with ``BRPOP``: it leaves the queue when Redis answers, an
 "unacked" hash only once the client has read the answer. A consumer killed in between (Redis may
 answer a socket whose process just died) loses that message; the chaos tests lost one that way.
 This transport takes it with ``BLMOVE`` into a per-queue *processing* list instead, and moves it
-from there into the unacked hash in the same ``MULTI`` that kombu uses to record the delivery, so
-a message is always in exactly one of: the queue, the processing list, the unacked hash.
+from there into the unacked hash in the one script (atomic, as kombu's ``MULTI`` is) that records
+the delivery, so a message is always in exactly one of: the queue, the processing list, the
+unacked hash. Recording a delivery and acknowledging one are each a single ``EVALSHA`` here, where
+kombu sends a ``MULTI`` pipeline of five commands and parses five replies (docs/benchmarks.md,
+round 5).
 
 A message left in the processing list (its consumer died right after the move) is put back on
 its queue by any consumer of that queue once it has sat there for ``PROCESSING_STALE_S``;
@@ -39,6 +42,7 @@ TRANSPORT = "service.reliable_redis:Transport"
 # At most this many stale messages put back, or stray priority messages moved, per pass.
 PASS_LIMIT = 1000
 PASS_EVERY_S = 1.0
+ACK_CHUNK = 1000
 
 _MOVE_BACK = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
@@ -46,6 +50,21 @@ if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
   return 1
 end
 return 0
+"""
+# A delivery recorded: out of the processing list and into the unacked index and hash, at once
+# (a script is atomic, as kombu's MULTI is). One command to encode and one reply to parse where
+# the MULTI pipeline had five of each: half of a consumer's CPU per message went there.
+_RECORD_DELIVERY = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('LREM', KEYS[3], 1, ARGV[4])
+return 1
+"""
+# An acknowledgement: kombu's ZREM and HDEL, as one command.
+_FORGET_DELIVERIES = """
+redis.call('ZREM', KEYS[1], unpack(ARGV))
+redis.call('HDEL', KEYS[2], unpack(ARGV))
+return 1
 """
 
 
@@ -70,22 +89,26 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
         key, item = inflight
         delivery = message.delivery_info
         record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        with self.pipe_or_acquire() as pipe:
-            # One MULTI: out of the processing list and into the unacked hash together.
-            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
-            pipe.hset(self.unacked_key, delivery_tag, record)
-            pipe.lrem(key, 1, item)
-            pipe.execute()
+        self.channel.run_script(
+            _RECORD_DELIVERY,
+            [self.unacked_index_key, self.unacked_key, key],
+            [delivery_tag, time.time(), record, item],
+        )
         virtual.QoS.append(self, message, delivery_tag)
+
+    def ack(self, delivery_tag: Any) -> None:
+        self.ack_many([delivery_tag])
 
     def ack_many(self, delivery_tags: list[Any]) -> None:
         """Acknowledge a batch in one round trip (kombu acknowledges one message per trip)."""
         if not delivery_tags:
             return
-        with self.pipe_or_acquire() as pipe:
-            pipe.zrem(self.unacked_index_key, *delivery_tags)
-            pipe.hdel(self.unacked_key, *delivery_tags)
-            pipe.execute()
+        keys = [self.unacked_index_key, self.unacked_key]
+        # Chunked: a script's unpack() is bounded by Lua's stack (8,000 values).
+        for start in range(0, len(delivery_tags), ACK_CHUNK):
+            self.channel.run_script(
+                _FORGET_DELIVERIES, keys, delivery_tags[start : start + ACK_CHUNK]
+            )
         for tag in delivery_tags:
             virtual.QoS.ack(self, tag)
 
@@ -107,6 +130,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._moving_from: str | None = None
         self._inflight: tuple[str, bytes] | None = None
         self._commands: tuple[Any, Any] | None = None
+        self._scripts: dict[str, Any] = {}
         self._last_pass = float("-inf")
         # When this channel first saw each message in a processing list: {key: {item: t}}.
         self._first_seen: dict[str, dict[bytes, float]] = {}
@@ -123,6 +147,15 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if self._commands is None or self._commands[0] is not pool:
             self._commands = (pool, self._create_client())
         yield self._commands[1]
+
+    def run_script(self, source: str, keys: list[Any], args: list[Any]) -> Any:
+        """``EVALSHA`` on this channel's command client (``EVAL`` once, on a server that does
+        not know the script yet: a new one, or one restarted empty)."""
+        with self.conn_or_acquire() as client:
+            script = self._scripts.get(source)
+            if script is None or script.registered_client is not client:
+                script = self._scripts[source] = client.register_script(source)
+            return script(keys=keys, args=args)
 
     def take_inflight(self) -> tuple[str, bytes] | None:
         inflight, self._inflight = self._inflight, None

@@ -6,6 +6,7 @@ Each test uses the session's Redis database as a broker and a queue of its own.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from kombu import Connection, Consumer, Exchange, Message, Producer, Queue
 from redis import Redis
 
 from config.keys import PROCESSING_STALE_S, processing_key
+from service import reliable_redis
 from service.bootstrap import Container
 from service.reliable_redis import consumer_connection
 
@@ -132,3 +134,103 @@ def test_a_message_with_a_priority_is_delivered_too(broker: str, queue: str) -> 
     assert redis.llen(queue) == 0
     received = consume(broker, queue, 1, timeout=30)
     assert [m.payload for m in received] == [{"n": "urgent"}]
+
+
+def _receive(conn: Connection, queue: str, count: int, timeout: float = 30) -> list[Message]:
+    """Deliveries on ``conn``, left unacknowledged."""
+    received: list[Message] = []
+    deadline = time.monotonic() + timeout
+    consumer = Consumer(
+        conn.default_channel, queues=[Queue(queue)], on_message=received.append, accept=["json"]
+    )
+    with consumer:
+        while len(received) < count and time.monotonic() < deadline:
+            try:
+                conn.drain_events(timeout=0.5)
+            except TimeoutError:
+                continue
+    assert len(received) == count
+    return received
+
+
+def _recorded(redis: Redis, channel: object, tag: str) -> tuple[bool, bool]:
+    qos = channel.qos  # type: ignore[attr-defined]
+    return (
+        redis.zscore(qos.unacked_index_key, tag) is not None,
+        redis.hexists(qos.unacked_key, tag),
+    )
+
+
+def test_a_delivery_stays_in_the_unacked_index_and_hash_until_acknowledged(
+    broker: str, queue: str
+) -> None:
+    publish(broker, queue, {"n": "held"})
+    redis = Redis.from_url(broker)
+    with consumer_connection(broker, {}) as conn:
+        [message] = _receive(conn, queue, 1)
+        tag = message.delivery_tag
+        assert _recorded(redis, conn.default_channel, tag) == (True, True)
+        # kombu's own record: what its restore puts back on the queue.
+        record = redis.hget(conn.default_channel.qos.unacked_key, tag)
+        assert isinstance(record, bytes)
+        raw, _exchange, routing_key = json.loads(record)
+        assert raw["properties"]["delivery_tag"] == tag
+        assert routing_key == queue
+        assert redis.llen(processing_key(queue)) == 0
+
+        message.ack()
+        assert _recorded(redis, conn.default_channel, tag) == (False, False)
+
+
+def test_an_unacknowledged_delivery_goes_back_to_its_queue_from_its_record(
+    broker: str, queue: str
+) -> None:
+    publish(broker, queue, {"n": "again"})
+    redis = Redis.from_url(broker)
+    with consumer_connection(broker, {}) as conn:
+        [first] = _receive(conn, queue, 1)
+        tag = first.delivery_tag
+        qos = conn.default_channel.qos
+        keys = (qos.unacked_index_key, qos.unacked_key)
+    # Closing the channel restores what it did not acknowledge, reading the unacked hash.
+    assert redis.llen(queue) == 1
+    assert redis.zscore(keys[0], tag) is None
+    assert not redis.hexists(keys[1], tag)
+    received = consume(broker, queue, 1, timeout=30)
+    assert [m.payload for m in received] == [{"n": "again"}]
+
+
+def test_deliveries_go_on_when_the_server_has_forgotten_the_scripts(
+    broker: str, queue: str
+) -> None:
+    # A Redis restarted empty knows no script: EVALSHA fails once and the script is sent again.
+    for n in range(2):
+        publish(broker, queue, {"n": n})
+    redis = Redis.from_url(broker)
+    with consumer_connection(broker, {}) as conn:
+        [first] = _receive(conn, queue, 1)
+        first.ack()
+        redis.script_flush()
+        [second] = _receive(conn, queue, 1)
+        assert _recorded(redis, conn.default_channel, second.delivery_tag) == (True, True)
+        redis.script_flush()
+        second.ack()
+        assert _recorded(redis, conn.default_channel, second.delivery_tag) == (False, False)
+    assert sorted(m.payload["n"] for m in (first, second)) == [0, 1]
+
+
+def test_a_batch_acknowledgement_larger_than_one_script_call_covers_it_all(
+    broker: str, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reliable_redis, "ACK_CHUNK", 7)
+    for n in range(20):
+        publish(broker, queue, {"n": n})
+    redis = Redis.from_url(broker)
+    with consumer_connection(broker, {}) as conn:
+        received = _receive(conn, queue, 20)
+        tags = [m.delivery_tag for m in received]
+        assert all(_recorded(redis, conn.default_channel, t) == (True, True) for t in tags)
+        conn.default_channel.qos.ack_many(tags)
+        assert all(_recorded(redis, conn.default_channel, t) == (False, False) for t in tags)
+    # Nothing was left to restore on close.
+    assert redis.llen(queue) == 0

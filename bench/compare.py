@@ -28,6 +28,8 @@ ROWS: tuple[tuple[str, tuple[str, ...], int], ...] = (
     ("floor: steps/s, 8 in flight", ("throughput", "floor", "steps_per_s"), 1),
     ("throughput, floor / bare", ("throughput", "floor_ratio", "steps_per_s"), 2),
     ("floor: worker CPU per step (ms)", ("throughput", "floor", "worker_cpu_ms_per_step"), 2),
+    ("per-step latency p50, saga / floor", ("latency", "saga_floor_ratio", "step_p50_ms"), 2),
+    ("throughput, saga / floor", ("throughput", "saga_floor_ratio", "steps_per_s"), 2),
     ("events produced (ev/s)", ("audit", "production_events_per_s"), 0),
     ("audit consumer drain (ev/s)", ("audit", "consumer_events_per_s"), 0),
     ("**audit consumer / production**", ("audit", "ratio"), 2),

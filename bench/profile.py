@@ -6,6 +6,10 @@ counts). Writes, into ``--out`` (default ``bench/results/profile``), the collaps
 what the worker was doing (the tables of docs/benchmarks.md). Needs ``py-spy`` (``pip install
 py-spy``) and the right to ptrace (root).
 
+``--by-process`` says where the machine's CPU goes instead: each process's CPU per step
+(the worker's main process and pool, the audit consumer, the listener, Redis, the bench), the bare
+chain, the floor and the saga taking turns (``bench/cpu_by_process.py``).
+
 ``--cpu`` profiles CPU time instead, with cProfile on each pool process's own clock
 (``bench/cpu_profile.py``): milliseconds of CPU per step by what the step was doing, and the
 ``.prof`` files for ``pstats`` or snakeviz. ``--bare`` and ``--floor`` profile the bare chain or
@@ -26,7 +30,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from bench import cpu_profile
+from bench import cpu_by_process, cpu_profile
 from bench.environment import prepare
 from bench.timing import CHAIN_LENGTH
 
@@ -106,6 +110,20 @@ def _cpu(harness: Any, start: Any, sagas: int, name: str, cpu_dir: Path) -> int:
     return 0
 
 
+def _by_process(harness: Any, sagas: int, rounds: int) -> int:
+    starters = {
+        "bare": harness.start_bare,
+        "floor": harness.start_floor,
+        "saga": harness.start_saga,
+    }
+    for start in starters.values():  # warm up
+        harness.drive(start, 2 * harness.concurrency, inflight=2 * harness.concurrency)
+    turns = cpu_by_process.measure(harness, starters, sagas, rounds)
+    print(f"CPU ms per step by process, {sagas} chains a turn at 8 in flight:")
+    print(cpu_by_process.table(turns))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile")
     parser.add_argument("--sagas", type=int, default=400, help="sagas to run while sampling")
@@ -115,11 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cpu", action="store_true", help="CPU time per step with cProfile, not py-spy samples"
     )
+    parser.add_argument(
+        "--by-process",
+        action="store_true",
+        help="CPU per step of each process, the bare chain, the floor and the saga in turn",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="turns of each, with --by-process")
     parser.add_argument("--out", type=Path, default=Path("bench/results/profile"))
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not args.cpu and not Path(py_spy).exists():
+    if not (args.cpu or args.by_process) and not Path(py_spy).exists():
         parser.error("py-spy is not installed (pip install py-spy), or use --cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     name = "bare" if args.bare else "floor" if args.floor else "saga"
@@ -148,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         start = {"bare": harness.start_bare, "floor": harness.start_floor}.get(
             name, harness.start_saga
         )
+        if args.by_process:
+            return _by_process(harness, args.sagas, args.rounds)
         harness.drive(start, 2 * args.concurrency, inflight=2 * args.concurrency)  # warm up
         if args.cpu:
             return _cpu(harness, start, args.sagas, name, cpu_dir)

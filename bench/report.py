@@ -95,8 +95,8 @@ def _ratios(
 
 
 def _with_floor(repeats: list[Repeat], section: str, keys: tuple[str, ...]) -> dict[str, Any]:
-    """The bare chain, the saga, their ratio, and the floor with its ratio to the bare chain
-    (runs from before the floor existed have none)."""
+    """The bare chain, the saga, their ratio, and the floor with its ratios to the bare chain and
+    from the saga (runs from before the floor existed have none)."""
     out: dict[str, Any] = {
         "bare": _medians([r[section]["bare"] for r in repeats]),
         "saga": _medians([r[section]["saga"] for r in repeats]),
@@ -105,6 +105,11 @@ def _with_floor(repeats: list[Repeat], section: str, keys: tuple[str, ...]) -> d
     if all("floor" in r[section] for r in repeats):
         out["floor"] = _medians([r[section]["floor"] for r in repeats])
         out["floor_ratio"] = _ratios(repeats, section, keys, "floor")
+        # What the saga's own machinery costs: per repeat, as the other ratios.
+        out["saga_floor_ratio"] = {
+            key: median([ratio(r[section]["saga"][key], r[section]["floor"][key]) for r in repeats])
+            for key in keys
+        }
     return out
 
 
@@ -246,11 +251,14 @@ def _floor_lines(lat: dict[str, Any], tp: dict[str, Any]) -> list[str]:
     lines = [
         "",
         "the floor: the bare chain's tasks plus one commit and two audited events each",
-        f"{'measure':<{width}}  {'bare chain':>11}  {'floor':>17}  {'floor/bare':>10}",
+        f"{'measure':<{width}}  {'bare chain':>11}  {'floor':>17}  {'floor/bare':>10}"
+        f"  {'saga/floor':>10}",
     ]
     for label, section, key, digits in rows:
+        saga_floor = section.get("saga_floor_ratio", {}).get(key)
         lines.append(
             f"{label:<{width}}  {_f(section['bare'][key], digits):>11}  "
             f"{_f(section['floor'][key], digits):>17}  {_f(section['floor_ratio'][key]):>10}"
+            f"  {'-' if saga_floor is None else _f(saga_floor):>10}"
         )
     return lines

@@ -36,6 +36,8 @@ POSITIVE = {
     ("latency", "floor_ratio"): ("step_p50_ms",),
     ("throughput", "floor"): ("steps_per_s", "worker_cpu_ms_per_step"),
     ("throughput", "floor_ratio"): ("steps_per_s",),
+    ("latency", "saga_floor_ratio"): ("step_p50_ms",),
+    ("throughput", "saga_floor_ratio"): ("steps_per_s",),
     ("audit",): (
         "production_events_per_s",
         "consumer_events_per_s",
@@ -156,3 +158,40 @@ def _processes_under(workdir: Path) -> list[int]:
         if timing_dir.startswith(str(workdir)):
             found.append(proc.pid)
     return found
+
+
+def test_cpu_by_process_gives_each_kind_its_workers_share() -> None:
+    # `python -m bench.profile --by-process` (SQLite and Redis whatever the session's backends).
+    args = [sys.executable, "-m", "bench.profile", "--by-process", "--sagas", "8", "--rounds", "1"]
+    process = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=_bench_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        output, _ = process.communicate(timeout=SMOKE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _stop(process)
+        pytest.fail(f"the CPU-by-process run did not finish in {SMOKE_TIMEOUT_S:.0f}s")
+    finally:
+        _stop(process)
+    text = output.decode(errors="replace")
+    assert process.returncode == 0, text[-4000:]
+    rows = [line.strip("| ").split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    header, body = rows[0], {row[0]: dict(zip(rows[0], row, strict=True)) for row in rows[1:]}
+    assert header[:2] == ["turn", "steps/s"], header
+    assert header[-1] == "all", header
+    assert set(body) == {"bare", "floor", "saga"}, text[-2000:]
+    for kind, worker in (
+        ("bare", "bare-worker"),
+        ("floor", "bare-worker"),
+        ("saga", "saga-worker"),
+    ):
+        row = body[kind]
+        assert float(row["steps/s"]) > 0, row
+        # CPU is read in clock ticks: the pool of the worker that ran the chains spent some.
+        assert float(row[f"{worker}: pool"]) > 0, row
+        assert float(row["all"]) >= float(row[f"{worker}: pool"]), row

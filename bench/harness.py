@@ -84,6 +84,7 @@ class Harness:
 
     def stop_processes(self) -> None:
         self.group.stop_all()
+        self.timing.close()
 
     def check_alive(self) -> None:
         for process in self.group.processes:

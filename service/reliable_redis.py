@@ -7,8 +7,8 @@ This transport takes it with ``BLMOVE`` into a per-queue *processing* list inste
 from there into the unacked hash in the one script (atomic, as kombu's ``MULTI`` is) that records
 the delivery, so a message is always in exactly one of: the queue, the processing list, the
 unacked hash. Recording a delivery and acknowledging one are each a single ``EVALSHA`` here, where
-kombu sends a ``MULTI`` pipeline of five commands and parses five replies (docs/benchmarks.md,
-round 5).
+a ``MULTI`` pipeline sent five commands and parsed five replies (four for an ack):
+docs/benchmarks.md, round 5.
 
 A message left in the processing list (its consumer died right after the move) is put back on
 its queue by any consumer of that queue once it has sat there for ``PROCESSING_STALE_S``;

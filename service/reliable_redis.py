@@ -53,7 +53,7 @@ return 0
 """
 # A delivery recorded: out of the processing list and into the unacked index and hash, at once
 # (a script is atomic, as kombu's MULTI is). One command to encode and one reply to parse where
-# the MULTI pipeline had five of each: half of a consumer's CPU per message went there.
+# the MULTI pipeline had five of each: the pipeline was half of the audit consumer's profile.
 _RECORD_DELIVERY = """
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])

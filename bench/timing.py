@@ -105,14 +105,14 @@ class TimingLog:
                     self._handles[entry.name] = open(  # noqa: SIM115 (closed by close())
                         entry.path, encoding="ascii"
                     )
-        for path, handle in self._handles.items():
+        for name, handle in self._handles.items():
             chunk = handle.read()
             if not chunk:
                 continue
-            text = self._partial.pop(path, "") + chunk
+            text = self._partial.pop(name, "") + chunk
             lines = text.split("\n")
             if lines[-1]:
-                self._partial[path] = lines[-1]
+                self._partial[name] = lines[-1]
             for line in lines[:-1]:
                 self._add(line)
 

@@ -94,14 +94,8 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             continue
 
 
-def test_smoke_bench_writes_every_measure(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    args = [sys.executable, "-m", "bench", "--smoke", "--json", str(out)]
-    args += ["--workdir", str(tmp_path / "work")]
-    if os.environ.get("TEST_DATABASE_URL"):
-        args.append("--postgres")
-    if os.environ.get("TEST_BROKER_URL", "").startswith("amqp"):
-        args.append("--rabbitmq")
+def _run(args: list[str], what: str) -> str:
+    """Run a bench command from the project's root; its output, once it has exited 0."""
     process = subprocess.Popen(
         args,
         cwd=ROOT,
@@ -114,11 +108,23 @@ def test_smoke_bench_writes_every_measure(tmp_path: Path) -> None:
         output, _ = process.communicate(timeout=SMOKE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         _stop(process)
-        pytest.fail(f"the smoke bench did not finish in {SMOKE_TIMEOUT_S:.0f}s")
+        pytest.fail(f"the {what} did not finish in {SMOKE_TIMEOUT_S:.0f}s")
     finally:
         _stop(process)
     text = output.decode(errors="replace")
     assert process.returncode == 0, text[-4000:]
+    return text
+
+
+def test_smoke_bench_writes_every_measure(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = [sys.executable, "-m", "bench", "--smoke", "--json", str(out)]
+    args += ["--workdir", str(tmp_path / "work")]
+    if os.environ.get("TEST_DATABASE_URL"):
+        args.append("--postgres")
+    if os.environ.get("TEST_BROKER_URL", "").startswith("amqp"):
+        args.append("--rabbitmq")
+    text = _run(args, "smoke bench")
     assert "saga/bare" in text, text[-2000:]
     assert "floor/bare" in text, text[-2000:]
 
@@ -163,23 +169,7 @@ def _processes_under(workdir: Path) -> list[int]:
 def test_cpu_by_process_gives_each_kind_its_workers_share() -> None:
     # `python -m bench.profile --by-process` (SQLite and Redis whatever the session's backends).
     args = [sys.executable, "-m", "bench.profile", "--by-process", "--sagas", "8", "--rounds", "1"]
-    process = subprocess.Popen(
-        args,
-        cwd=ROOT,
-        env=_bench_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    try:
-        output, _ = process.communicate(timeout=SMOKE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        _stop(process)
-        pytest.fail(f"the CPU-by-process run did not finish in {SMOKE_TIMEOUT_S:.0f}s")
-    finally:
-        _stop(process)
-    text = output.decode(errors="replace")
-    assert process.returncode == 0, text[-4000:]
+    text = _run(args, "CPU-by-process run")
     rows = [line.strip("| ").split(" | ") for line in text.splitlines() if line.startswith("| ")]
     header, body = rows[0], {row[0]: dict(zip(rows[0], row, strict=True)) for row in rows[1:]}
     assert header[:2] == ["turn", "steps/s"], header

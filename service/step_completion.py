@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, insert, inspect, select, update
+from sqlalchemy import Engine, and_, bindparam, select, update
 from sqlmodel import col
 
 from config.settings import Settings
@@ -24,10 +24,10 @@ from sagas.states import AttemptState, StepStatus, TenantState, transition
 from sagas.steps import next_step
 from service.db.driver_statements import DriverStatement
 from service.db.engine import WRITE_OPTION
-from service.db.models import Attempt, OutboxEvent, StepRun, Tenant
+from service.db.models import Attempt, StepRun, Tenant
 from service.dispatch import AttemptRef
-from service.events import build_event
-from service.outbox import WrittenEvent
+from service.outbox import OutboxInsert, WrittenEvent, event_values
+from service.step_runs import ANNOUNCE_RUN, announced_run, attempt_about
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,31 +98,6 @@ _SUCCEED_ATTEMPT = (
         ended_at=bindparam("now"),
     )
 )
-_ANNOUNCE_RUN = insert(StepRun).values(
-    {
-        name: bindparam(name)
-        for name in ("attempt_id", "tenant_id", "step", "status", "tries", "output", "started_at")
-    }
-)
-_OUTBOX_COLUMNS = ("event_id", "type", "subject", "body", "created_at")
-_OUTBOX_TYPES = {name: inspect(OutboxEvent).columns[name].type for name in _OUTBOX_COLUMNS}
-# A step's two events, in one statement. A multi-row INSERT's RETURNING does not promise the
-# rows' order: each id comes back with its event's id.
-_EVENTS_PER_STEP = 2
-_INSERT_OUTBOX = (
-    insert(OutboxEvent)
-    .values(
-        [
-            # Typed: SQLAlchemy gives the column's type to the first row's parameters only.
-            {
-                name: bindparam(f"{name}_{row}", type_=_OUTBOX_TYPES[name])
-                for name in _OUTBOX_COLUMNS
-            }
-            for row in range(_EVENTS_PER_STEP)
-        ]
-    )
-    .returning(col(OutboxEvent.id), col(OutboxEvent.event_id))
-)
 
 
 class StepCompletion:
@@ -134,8 +109,8 @@ class StepCompletion:
         self._complete_run = DriverStatement(_COMPLETE_RUN, dialect)
         self._activate_tenant = DriverStatement(_ACTIVATE_TENANT, dialect)
         self._succeed_attempt = DriverStatement(_SUCCEED_ATTEMPT, dialect)
-        self._announce_run = DriverStatement(_ANNOUNCE_RUN, dialect)
-        self._insert_outbox = DriverStatement(_INSERT_OUTBOX, dialect)
+        self._announce_run = DriverStatement(ANNOUNCE_RUN, dialect)
+        self._insert_outbox = OutboxInsert(dialect, rows=2)  # a step writes two events
 
     def complete(
         self, ref: AttemptRef, step: str, output: dict[str, Any], duration_ms: int
@@ -174,29 +149,15 @@ class StepCompletion:
                     connection, {"tenant_id": tenant_id, "state": tenant_state, "now": now}
                 )
                 self._succeed_attempt.run(connection, {"attempt_id": ref.attempt_id, "now": now})
-            about = {
-                "tenant_id": tenant_id,
-                "slug": slug,
-                "state": tenant_state,
-                "attempt_number": number,
-            }
+            about = attempt_about(tenant_id, slug, tenant_state, number)
             completed = {**about, "step": step, "duration_ms": duration_ms, "output": dict(output)}
-            events = [_event(now, EventType.STEP_COMPLETED, slug, completed)]
+            events = [event_values(EventType.STEP_COMPLETED, slug, completed, now=now)]
             if following is not None:
                 self._announce_run.run(
-                    connection,
-                    {
-                        "attempt_id": ref.attempt_id,
-                        "tenant_id": tenant_id,
-                        "step": following,
-                        "status": StepStatus.RUNNING.value,
-                        "tries": 1,
-                        "output": {},
-                        "started_at": now,
-                    },
+                    connection, announced_run(ref.attempt_id, tenant_id, following, now)
                 )
                 announced = {**about, "step": following}
-                events.append(_event(now, EventType.STEP_STARTED, slug, announced))
+                events.append(event_values(EventType.STEP_STARTED, slug, announced, now=now))
             else:
                 began = started_at.replace(tzinfo=started_at.tzinfo or UTC)
                 ended = {
@@ -204,31 +165,6 @@ class StepCompletion:
                     "admin_console_url": self._settings.console_url_for(slug),
                     "duration_ms": int((now - began).total_seconds() * 1000),
                 }
-                events.append(_event(now, EventType.COMPLETED, slug, ended))
-            written = self._insert_outbox.all(
-                connection,
-                {
-                    f"{name}_{row}": values[name]
-                    for row, values in enumerate(events)
-                    for name in _OUTBOX_COLUMNS
-                },
-            )
-            ids = {event_id: row_id for row_id, event_id in written}
-            rows = [
-                WrittenEvent(ids[values["event_id"]], values["type"], values["body"])
-                for values in events
-            ]
+                events.append(event_values(EventType.COMPLETED, slug, ended, now=now))
+            rows = self._insert_outbox.write(connection, events)
         return Completion(dict(output), rows, lock_token, following is None, started_at, now)
-
-
-def _event(
-    now: datetime, event_type: EventType, subject: str, data: dict[str, Any]
-) -> dict[str, Any]:
-    event_id, body = build_event(event_type, subject, data, time=now)
-    return {
-        "event_id": event_id,
-        "type": event_type.value,
-        "subject": subject,
-        "body": body,
-        "created_at": now,
-    }

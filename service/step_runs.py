@@ -9,9 +9,10 @@ that starts the attempt) spares every step a write transaction, a publish and a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, select
+from sqlalchemy import Engine, and_, bindparam, insert, select
 from sqlmodel import Session, col
 
 from sagas.messages import EventType
@@ -23,12 +24,42 @@ from service.outbox import PendingEvents
 
 
 def attempt_event_data(tenant: Tenant, attempt: Attempt, **extra: object) -> dict[str, object]:
+    return attempt_about(tenant.id, tenant.slug, tenant.state, attempt.number, **extra)
+
+
+def attempt_about(
+    tenant_id: str, slug: str, state: str, attempt_number: int, **extra: object
+) -> dict[str, Any]:
+    """What every attempt event's data starts with."""
     return {
-        "tenant_id": tenant.id,
-        "slug": tenant.slug,
-        "state": tenant.state,
-        "attempt_number": attempt.number,
+        "tenant_id": tenant_id,
+        "slug": slug,
+        "state": state,
+        "attempt_number": attempt_number,
         **extra,
+    }
+
+
+# The announcement on the driver's cursor, for the transactions every saga runs (a step's
+# completion announces the next step; a tenant's creation its first).
+ANNOUNCE_RUN = insert(StepRun).values(
+    {
+        name: bindparam(name)
+        for name in ("attempt_id", "tenant_id", "step", "status", "tries", "output", "started_at")
+    }
+)
+
+
+def announced_run(attempt_id: str, tenant_id: str, step: str, now: datetime) -> dict[str, Any]:
+    """``ANNOUNCE_RUN``'s parameters: the step's first try, running."""
+    return {
+        "attempt_id": attempt_id,
+        "tenant_id": tenant_id,
+        "step": step,
+        "status": StepStatus.RUNNING.value,
+        "tries": 1,
+        "output": {},
+        "started_at": now,
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -17,6 +18,7 @@ from sagas.messages import CommandType, EventType
 from sagas.rules import Reason
 from service import metrics
 from service import repository as repo
+from service.command_records import SeenCommands, processed_values
 from service.db.engine import unit_of_work
 from service.db.models import DeadLetter, ProcessedCommand
 from service.dead_letters import already_kept
@@ -65,33 +67,40 @@ class CommandBook:
     def __init__(self, engine: Engine, relay: OutboxRelay) -> None:
         self._engine = engine
         self._relay = relay
+        self._seen = SeenCommands(engine)
 
     def duplicate(self, request: Request) -> Outcome | None:
-        with Session(self._engine) as session:
-            seen = session.get(ProcessedCommand, request.command_id)
+        seen = self._seen(request.command_id)
         if seen is None:
             return None
+        outcome, reason = seen
         return Outcome(
             command_id=request.command_id,
             command_type=request.command_type.value,
             slug=request.slug,
-            accepted=seen.outcome == "accepted",
+            accepted=outcome == "accepted",
             duplicate=True,
             event_type="",
-            reason=seen.reason,
-            message=f"command {request.command_id} was already handled ({seen.outcome})",
+            reason=reason,
+            message=f"command {request.command_id} was already handled ({outcome})",
+        )
+
+    def processed_values(
+        self, request: Request, outcome: str, reason: str | None = None
+    ) -> dict[str, Any]:
+        return processed_values(
+            request.command_id,
+            request.command_type.value,
+            request.slug,
+            outcome,
+            reason,
+            datetime.now(UTC),
         )
 
     def processed(
         self, request: Request, outcome: str, reason: str | None = None
     ) -> ProcessedCommand:
-        return ProcessedCommand(
-            command_id=request.command_id,
-            type=request.command_type.value,
-            slug=request.slug[:200],
-            outcome=outcome,
-            reason=reason,
-        )
+        return ProcessedCommand(**self.processed_values(request, outcome, reason))
 
     def accepted(self, request: Request, event_type: EventType, message: str, **kw: Any) -> Outcome:
         log.info(

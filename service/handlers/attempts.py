@@ -15,7 +15,7 @@ from sagas import rules
 from sagas.errors import CommandRejected
 from sagas.messages import EventType
 from sagas.planning import Made, ResumePlan, resume_point
-from sagas.rules import Reason
+from sagas.rules import Reason, TenantFacts
 from sagas.states import AttemptState, StepStatus, TenantState, move
 from sagas.steps import STEPS, steps_from
 from service import metrics, tracing
@@ -24,74 +24,43 @@ from service.db.engine import unit_of_work
 from service.db.models import Attempt, StepRun, Tenant
 from service.dispatch import AttemptRef
 from service.handlers.answers import Outcome, Request, locked_message
-from service.handlers.deps import UseCase
+from service.handlers.deps import HandlerDeps, UseCase
 from service.locks import LockToken
 from service.outbox import PendingEvents
 from service.step_context import step_context
-from service.step_runs import announce, attempt_event_data
+from service.tenant_creation import NewTenant, TenantCreation
 
 log = structlog.get_logger(__name__)
 
 
 class AttemptStarter(UseCase):
+    def __init__(self, deps: HandlerDeps) -> None:
+        super().__init__(deps)
+        self._creation = TenantCreation(deps.engine)
+
     # --- create ---
     def create(self, request: Request, *, plan: str, admin_email: str | None = None) -> Outcome:
         if (seen := self._book.duplicate(request)) is not None:
             return seen
-        with Session(self._engine) as session:
-            existing = repo.tenant_by_slug(session, request.slug)
-            facts = repo.tenant_facts(session, existing, lock_held=False)
         try:
-            rules.check_create(facts, request.slug)
+            rules.check_create(self._slug_facts(request.slug), request.slug)
         except CommandRejected as rejected:
             return self._book.reject(request, rejected)
         tenant_id, attempt_id = str(uuid.uuid4()), str(uuid.uuid4())
         token = LockToken.new(attempt_id, 1)
-        events = PendingEvents()
+        new = NewTenant(
+            tenant_id=tenant_id,
+            attempt_id=attempt_id,
+            slug=request.slug,
+            plan=plan,
+            admin_email=admin_email,
+            requested_by=request.requested_by,
+            lock_token=token.encode(),
+        )
         try:
-            with unit_of_work(self._engine) as session:
-                session.add(self._book.processed(request, "accepted"))
-                tenant = Tenant(
-                    id=tenant_id,
-                    slug=request.slug,
-                    live_slug=request.slug,
-                    plan=plan,
-                    admin_email=admin_email,
-                    state=TenantState.PROVISIONING,
-                    epoch=1,
-                )
-                attempt = Attempt(
-                    id=attempt_id,
-                    tenant_id=tenant_id,
-                    number=1,
-                    epoch=1,
-                    trigger="create",
-                    state=AttemptState.RUNNING,
-                    requested_by=request.requested_by,
-                    resumed_from=STEPS[0],
-                    reused_steps=[],
-                    lock_token=token.encode(),
-                )
-                session.add(tenant)
-                session.flush()
-                session.add(attempt)
-                session.flush()
-                events.add(
-                    session,
-                    EventType.STARTED,
-                    request.slug,
-                    attempt_event_data(
-                        tenant,
-                        attempt,
-                        trigger="create",
-                        resumed_from=STEPS[0],
-                        reused_steps=[],
-                        requested_by=request.requested_by,
-                    ),
-                )
-                # The first step is announced with the attempt (each later one with the
-                # completion of the step before it: service/step_runs.py).
-                announce(session, events, tenant, attempt, STEPS[0])
+            rows = self._creation.write(
+                new, command=self._book.processed_values(request, "accepted"), now=datetime.now(UTC)
+            )
         except IntegrityError:
             if (seen := self._book.duplicate(request)) is not None:
                 return seen
@@ -107,7 +76,7 @@ class AttemptStarter(UseCase):
         if not self._locks.acquire(request.slug, token):
             self._locks.force_release(request.slug)
             self._locks.acquire(request.slug, token)
-        self._relay.publish_now(events.rows)
+        self._relay.publish_now(rows)
         metrics.attempt_started("create")
         ref = AttemptRef(slug=request.slug, attempt_number=1, attempt_id=attempt_id)
         self._dispatch_attempt(ref, list(STEPS))
@@ -210,6 +179,13 @@ class AttemptStarter(UseCase):
         )
 
     # --- helpers ---
+    def _slug_facts(self, slug: str) -> TenantFacts | None:
+        """The slug's live tenant, read in full only when there is one (to refuse the create)."""
+        if self._creation.live_state(slug) is None:
+            return None
+        with Session(self._engine) as session:
+            return repo.tenant_facts(session, repo.tenant_by_slug(session, slug), lock_held=False)
+
     def _retry_writes(
         self,
         request: Request,

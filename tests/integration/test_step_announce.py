@@ -7,6 +7,8 @@ reads from Celery's request; the chain is not sent (a recording dispatcher).
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from sqlmodel import Session, col, select
 
@@ -16,8 +18,9 @@ from sagas.messages import CommandType
 from sagas.steps import STEPS
 from service.bootstrap import Container, build_container
 from service.db.engine import unit_of_work
-from service.db.models import OutboxEvent, StepRun
+from service.db.models import Attempt, OutboxEvent, ProcessedCommand, StepRun, Tenant
 from service.dispatch import AttemptRef, DecommissionRef
+from service.events import read_event
 from service.faults import FaultMode
 from service.handlers import Request
 from service.step_context import RetryLater, StepDone
@@ -94,6 +97,77 @@ def test_the_attempt_announces_its_first_step_and_each_step_the_next(
         expected += [("step_started", step), ("step_completed", step)]
     expected.append(("completed", None))
     assert events(local, ref) == expected
+
+
+def test_the_creation_writes_its_rows_as_the_models_read_them(
+    local: Container, dispatcher: RecordingDispatcher
+) -> None:
+    # The creation's transaction runs on the driver's cursor (service/tenant_creation.py): what
+    # it writes must read back through the ORM as the models' own writes would.
+    slug = new_slug("creation")
+    request = Request(CommandType.PROVISION, slug, requested_by="alice")
+    before = datetime.now(UTC)
+    outcome = local.handlers.create(request, plan="pro", admin_email="ops@example.com")
+    assert outcome.accepted
+    ref, _steps = dispatcher.attempts[-1]
+    with Session(local.engine) as session:
+        tenant = session.exec(select(Tenant).where(Tenant.slug == slug)).one()
+        attempt = session.exec(select(Attempt).where(Attempt.id == ref.attempt_id)).one()
+        processed = session.get(ProcessedCommand, request.command_id)
+        rows = session.exec(
+            select(OutboxEvent).where(OutboxEvent.subject == slug).order_by(col(OutboxEvent.id))
+        ).all()
+    assert (tenant.id, tenant.live_slug, tenant.plan, tenant.admin_email) == (
+        outcome.tenant_id,
+        slug,
+        "pro",
+        "ops@example.com",
+    )
+    assert (tenant.state, tenant.epoch, tenant.failure_reason) == ("provisioning", 1, None)
+    assert tenant.created_at == tenant.updated_at == attempt.started_at
+    assert tenant.created_at.tzinfo is not None
+    assert tenant.created_at >= before
+    assert (attempt.tenant_id, attempt.number, attempt.epoch) == (tenant.id, 1, 1)
+    assert (attempt.trigger, attempt.state, attempt.requested_by) == ("create", "running", "alice")
+    assert (attempt.resumed_from, attempt.reused_steps) == ("validate", [])
+    assert attempt.lock_token is not None
+    assert local.locks.is_held(slug)
+    assert (attempt.ended_at, attempt.failed_step) == (None, None)
+    assert processed is not None
+    assert (processed.type, processed.slug, processed.outcome, processed.reason) == (
+        "tenant.provision_requested",
+        slug,
+        "accepted",
+        None,
+    )
+    assert [row.type for row in rows] == [
+        "tenant.provisioning.started",
+        "tenant.provisioning.step_started",
+    ]
+    started, announced = (read_event(row.body) for row in rows)
+    assert [started["id"], announced["id"]] == [row.event_id for row in rows]
+    assert started["data"] == {
+        "tenant_id": tenant.id,
+        "slug": slug,
+        "state": "provisioning",
+        "attempt_number": 1,
+        "trigger": "create",
+        "resumed_from": "validate",
+        "reused_steps": [],
+        "requested_by": "alice",
+    }
+    assert announced["data"] == {
+        "tenant_id": tenant.id,
+        "slug": slug,
+        "state": "provisioning",
+        "attempt_number": 1,
+        "step": "validate",
+    }
+    # the same command again acts no more; another command for the live slug is refused
+    assert local.handlers.create(request, plan="pro").duplicate
+    taken = local.handlers.create(Request(CommandType.PROVISION, slug), plan="free")
+    assert (taken.accepted, taken.reason) == (False, "slug_taken")
+    assert [a for a in dispatcher.attempts if a[0].slug == slug] == [(ref, list(STEPS))]
 
 
 def test_a_redelivered_step_counts_a_try_and_announces_nothing_again(

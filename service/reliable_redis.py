@@ -15,6 +15,13 @@ its queue by any consumer of that queue once it has sat there for ``PROCESSING_S
 a live consumer's message stays there for microseconds. Only a channel consuming exactly one
 queue (every consumer here does) uses ``BLMOVE``; others fall back to kombu's ``BRPOP``.
 
+When the queue holds more than the message just delivered (the record's script answers the
+queue's length), the next poll *takes* instead: one script pops as many messages as the consumer's
+prefetch has room for (at most ``TAKE_MAX``) and records each as delivered, so that a backlog costs
+one round trip per batch instead of two per message. A take that comes back short means the
+queue is empty: the poll after it blocks on ``BLMOVE`` again. Taken messages go from the queue
+straight into the unacked hash, in one script: still always in exactly one place.
+
 ``BLMOVE`` reads one list, the queue's priority-0 list; a message sent with another priority (we
 send none; a foreign publisher might) is moved onto it by the same periodic pass.
 """
@@ -43,6 +50,8 @@ TRANSPORT = "service.reliable_redis:Transport"
 PASS_LIMIT = 1000
 PASS_EVERY_S = 1.0
 ACK_CHUNK = 1000
+# At most this many messages per take: the consumer's prefetch bounds it too.
+TAKE_MAX = 100
 
 _MOVE_BACK = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
@@ -54,10 +63,49 @@ return 0
 # A delivery recorded: out of the processing list and into the unacked index and hash, at once
 # (a script is atomic, as kombu's MULTI is). One command to encode and one reply to parse where
 # the MULTI pipeline had five of each: the pipeline was half of the audit consumer's profile.
+# It answers how many messages wait behind this one: more than none, and the next poll takes.
 _RECORD_DELIVERY = """
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('LREM', KEYS[3], 1, ARGV[4])
+return redis.call('LLEN', KEYS[4])
+"""
+# A take: up to ARGV[1] messages off the queue (KEYS[1]), oldest first, each recorded as kombu's
+# QoS records a delivery: its tag in the index (KEYS[2]) at ARGV[2], and in the hash (KEYS[3])
+# the JSON array [message, exchange, routing_key] that kombu's restore reads. A message without
+# a delivery tag (not a kombu message) is kept aside in KEYS[4]. Answers {kept aside, messages}.
+_TAKE = """
+local items = redis.call('RPOP', KEYS[1], ARGV[1])
+if not items then return {0} end
+local taken, unreadable = {0}, 0
+for _, item in ipairs(items) do
+  local ok, message = pcall(cjson.decode, item)
+  local properties = ok and type(message) == 'table' and message.properties
+  local tag = type(properties) == 'table' and properties.delivery_tag
+  if type(tag) == 'string' then
+    local info = properties.delivery_info
+    if type(info) ~= 'table' then info = {} end
+    redis.call('ZADD', KEYS[2], ARGV[2], tag)
+    redis.call('HSET', KEYS[3], tag, '[' .. item .. ',' .. cjson.encode(info.exchange) .. ','
+      .. cjson.encode(info.routing_key) .. ']')
+    taken[#taken + 1] = item
+  else
+    redis.call('RPUSH', KEYS[4], item)
+    unreadable = unreadable + 1
+  end
+end
+taken[1] = unreadable
+return taken
+"""
+# Taken messages that were not handed to the consumer (it raised): out of the unacked index and
+# hash and back onto the queue's consuming end, oldest last, so that they come next in order.
+# ARGV: tag, message, tag, message, ... oldest first.
+_PUT_BACK_TAKEN = """
+for i = #ARGV - 1, 1, -2 do
+  redis.call('ZREM', KEYS[1], ARGV[i])
+  redis.call('HDEL', KEYS[2], ARGV[i])
+  redis.call('RPUSH', KEYS[3], ARGV[i + 1])
+end
 return 1
 """
 # An acknowledgement: kombu's ZREM and HDEL, as one command.
@@ -80,24 +128,36 @@ def consumer_connection(broker_url: str, transport_options: dict[str, object]) -
     )
 
 
+# The message being delivered was taken, and recorded by the take's script already.
+_RECORDED = ("", b"")
+
+
 class QoS(kombu_redis.QoS):  # type: ignore[misc]
     def append(self, message: Any, delivery_tag: Any) -> None:
         inflight = self.channel.take_inflight()
         if inflight is None:
             super().append(message, delivery_tag)
             return
-        key, item = inflight
-        delivery = message.delivery_info
-        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        self.channel.run_script(
-            _RECORD_DELIVERY,
-            [self.unacked_index_key, self.unacked_key, key],
-            [delivery_tag, time.time(), record, item],
-        )
+        if inflight is not _RECORDED:
+            queue, item = inflight
+            delivery = message.delivery_info
+            record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+            waiting = self.channel.run_script(
+                _RECORD_DELIVERY,
+                [self.unacked_index_key, self.unacked_key, processing_key(queue), queue],
+                [delivery_tag, time.time(), record, item],
+            )
+            self.channel.note_backlog(int(waiting) > 0)
         virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: Any) -> None:
         self.ack_many([delivery_tag])
+
+    def forget_taken(self, delivery_tags: list[Any]) -> None:
+        """Drop the records of taken messages that no acknowledgement will clear."""
+        self.channel.run_script(
+            _FORGET_DELIVERIES, [self.unacked_index_key, self.unacked_key], delivery_tags
+        )
 
     def ack_many(self, delivery_tags: list[Any]) -> None:
         """Acknowledge a batch in one round trip (kombu acknowledges one message per trip)."""
@@ -128,6 +188,8 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._moving_from: str | None = None
+        self._taking: tuple[str, int] | None = None  # (queue, how many asked) of a take in flight
+        self._backlog = False  # the last delivery left messages on the queue
         self._inflight: tuple[str, bytes] | None = None
         self._commands: tuple[Any, Any] | None = None
         self._scripts: dict[str, Any] = {}
@@ -161,6 +223,16 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         inflight, self._inflight = self._inflight, None
         return inflight
 
+    def note_backlog(self, waiting: bool) -> None:
+        self._backlog = waiting
+
+    def _take_count(self) -> int:
+        """How many messages the next poll should take (0: block on ``BLMOVE`` instead)."""
+        if not self._backlog:
+            return 0
+        room = self.qos.can_consume_max_estimate()
+        return TAKE_MAX if room is None else min(TAKE_MAX, room)
+
     # --- delivery ---
     def _brpop_start(self, timeout: float | None = None) -> None:
         queues = self._queue_cycle.consume(len(self.active_queues))
@@ -169,9 +241,24 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             super()._brpop_start(timeout)
             return
         queue = queues[0]
-        self._moving_from = queue
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()
+        count = self._take_count()
+        if count:
+            self._taking = (queue, count)
+            self.client.connection.send_command(
+                "EVAL",
+                _TAKE,
+                4,
+                queue,
+                self.qos.unacked_index_key,
+                self.qos.unacked_key,
+                f"{processing_key(queue)}:unreadable",
+                count,
+                time.time(),
+            )
+            return
+        self._moving_from = queue
         wait = self.brpop_timeout if timeout is None else timeout
         self.client.connection.send_command(
             "BLMOVE", queue, processing_key(queue), "RIGHT", "LEFT", wait or 0
@@ -179,34 +266,79 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
 
     def _brpop_read(self, **options: Any) -> bool:
         queue, self._moving_from = self._moving_from, None
-        if queue is None:
+        taking, self._taking = self._taking, None
+        if queue is None and taking is None:
             return bool(super()._brpop_read(**options))
+        command = "EVAL" if taking is not None else "BLMOVE"
         try:
             try:
-                item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+                reply = self.client.parse_response(self.client.connection, command, **options)
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
-            if item is None:
+            if taking is not None:
+                return self._deliver_taken(*taking, reply)
+            if reply is None or queue is None:
                 raise virtual.Empty()
-            self._deliver_moved(queue, item)
+            self._deliver_moved(queue, reply)
             return True
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
 
+    def _deliver_taken(self, queue: str, asked: int, reply: list[Any]) -> bool:
+        unreadable, items = int(reply[0]), reply[1:]
+        if unreadable:
+            kept = f"{processing_key(queue)}:unreadable"
+            log.error(
+                "reliable_redis.unreadable_message", queue=queue, kept_in=kept, count=unreadable
+            )
+        # A short take emptied the queue: the next poll blocks on BLMOVE.
+        self._backlog = len(items) + unreadable >= asked
+        if not items:
+            raise virtual.Empty()
+        payloads = [loads(bytes_to_str(item)) for item in items]
+        for index, payload in enumerate(payloads):
+            self._inflight = _RECORDED
+            try:
+                self.connection._deliver(payload, queue)
+            except BaseException:
+                # Not handed over (the consumer raised): this message if our QoS never saw it,
+                # and the ones after it, go back to the queue, in order.
+                start = index if self.take_inflight() is not None else index + 1
+                self._put_back_taken(queue, items[start:], payloads[start:])
+                raise
+            if self.take_inflight() is not None:
+                # Delivered without our QoS (a consumer without acknowledgements, or kombu's
+                # requeue of a message no consumer wanted): no ack will ever clear its record.
+                self.qos.forget_taken([payload["properties"]["delivery_tag"]])
+        return True
+
+    def _put_back_taken(self, queue: str, items: list[bytes], payloads: list[Any]) -> None:
+        if not items:
+            return
+        args: list[Any] = []
+        for item, payload in zip(items, payloads, strict=True):
+            args += [payload["properties"]["delivery_tag"], item]
+        self.run_script(
+            _PUT_BACK_TAKEN, [self.qos.unacked_index_key, self.qos.unacked_key, queue], args
+        )
+
     def _deliver_moved(self, queue: str, item: bytes) -> None:
         key = processing_key(queue)
         try:
             payload = loads(bytes_to_str(item))
+            if not _is_kombu_message(payload):
+                raise ValueError("no delivery tag")
         except (ValueError, TypeError, ContentDisallowed):
-            # Not a kombu message at all (someone pushed raw bytes onto the list): keep it aside,
-            # where an operator can read it, rather than put it back for ever.
+            # Not a kombu message at all (someone pushed raw bytes, or JSON of their own, onto
+            # the list): keep it aside, where an operator can read it, rather than put it back
+            # for ever. The take's script keeps the same messages aside.
             with self.conn_or_acquire() as client:
                 client.pipeline().lrem(key, 1, item).rpush(f"{key}:unreadable", item).execute()
             log.error("reliable_redis.unreadable_message", queue=queue, kept_in=f"{key}:unreadable")
             return
-        self._inflight = (key, item)
+        self._inflight = (queue, item)
         self.connection._deliver(payload, queue)
         if self.take_inflight() is not None:
             # Delivered without our QoS recording it (kombu requeued it: no consumer for the
@@ -220,6 +352,11 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             # goes back to its queue once stale.
             self._moving_from = None
             return self.client.parse_response(self.client.connection, "BLMOVE")
+        if type == "BRPOP" and self._taking is not None:
+            # Messages it took are recorded as delivered: kombu restores them to their queue
+            # once the visibility timeout has passed.
+            self._taking = None
+            return self.client.parse_response(self.client.connection, "EVAL")
         return super()._poll_error(type, **options)
 
     # --- the periodic pass (kombu calls restore_visible on every consumer, every few seconds) ---
@@ -256,6 +393,11 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             for _ in range(PASS_LIMIT):
                 if client.lmove(source, queue, "RIGHT", "RIGHT") is None:
                     break
+
+
+def _is_kombu_message(payload: Any) -> bool:
+    properties = payload.get("properties") if isinstance(payload, dict) else None
+    return isinstance(properties, dict) and isinstance(properties.get("delivery_tag"), str)
 
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from kombu import Connection, Consumer, Exchange, Message, Producer, Queue
@@ -118,11 +118,14 @@ def test_a_delivery_is_recorded_as_it_leaves_the_processing_list(broker: str, qu
 def test_raw_junk_on_the_list_is_kept_aside_and_the_rest_flows(broker: str, queue: str) -> None:
     redis = Redis.from_url(broker)
     redis.lpush(queue, b"\xff not a kombu message")
+    received = consume(broker, queue, 1, timeout=2)
+    redis.lpush(queue, b'{"json": "but not a kombu message"}')
     publish(broker, queue, {"n": "after the junk"})
-    received = consume(broker, queue, 1, timeout=30)
+    received += consume(broker, queue, 1, timeout=30)
     assert [m.payload for m in received] == [{"n": "after the junk"}]
     assert redis.lrange(f"{processing_key(queue)}:unreadable", 0, -1) == [
-        b"\xff not a kombu message"
+        b"\xff not a kombu message",
+        b'{"json": "but not a kombu message"}',
     ]
     assert redis.llen(processing_key(queue)) == 0
 
@@ -233,4 +236,177 @@ def test_a_batch_acknowledgement_larger_than_one_script_call_covers_it_all(
         conn.default_channel.qos.ack_many(tags)
         assert all(_recorded(redis, conn.default_channel, t) == (False, False) for t in tags)
     # Nothing was left to restore on close.
+    assert redis.llen(queue) == 0
+
+
+# --- takes: a backlog leaves the queue in batches (one script a batch, not two trips a message)
+
+
+def _drain(conn: Connection, until: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not until() and time.monotonic() < deadline:
+        try:
+            conn.drain_events(timeout=0.5)
+        except TimeoutError:
+            continue
+
+
+def test_a_backlog_is_taken_in_one_batch_in_order_and_recorded(broker: str, queue: str) -> None:
+    for n in range(30):
+        publish(broker, queue, {"n": n})
+    redis = Redis.from_url(broker)
+    received: list[Message] = []
+    # What the queue and the unacked hash hold as the second message is handed over.
+    seen_at_second: list[tuple[int, list[tuple[bool, bool]]]] = []
+
+    def on_message(message: Message) -> None:
+        received.append(message)
+        if len(received) == 2:
+            left = redis.llen(queue)
+            seen_at_second.append((left, []))
+        message.ack()
+
+    with (
+        consumer_connection(broker, {}) as conn,
+        Consumer(
+            conn.default_channel, queues=[Queue(queue)], on_message=on_message, accept=["json"]
+        ),
+    ):
+        _drain(conn, lambda: len(received) == 30)
+    assert [m.payload["n"] for m in received] == list(range(30))
+    # The first message came by BLMOVE and its record said 29 were waiting: the next poll took
+    # all of them at once, so none was left on the queue when the second was handed over.
+    assert [left for left, _ in seen_at_second] == [0]
+    assert redis.llen(queue) == 0
+    assert redis.llen(processing_key(queue)) == 0
+
+
+def test_taken_deliveries_are_recorded_until_acknowledged_and_restored_on_close(
+    broker: str, queue: str
+) -> None:
+    for n in range(12):
+        publish(broker, queue, {"n": n})
+    redis = Redis.from_url(broker)
+    with consumer_connection(broker, {}) as conn:
+        received = _receive(conn, queue, 12)
+        channel = conn.default_channel
+        assert all(_recorded(redis, channel, m.delivery_tag) == (True, True) for m in received)
+        # The take writes kombu's own record, as a delivery by BLMOVE does.
+        record = redis.hget(channel.qos.unacked_key, received[5].delivery_tag)
+        assert isinstance(record, bytes)
+        raw, _exchange, routing_key = json.loads(record)
+        assert raw == received[5]._raw
+        assert routing_key == queue
+        for message in received[:4]:
+            message.ack()
+        tags = [m.delivery_tag for m in received]
+        qos = channel.qos
+        keys = (qos.unacked_index_key, qos.unacked_key)
+    # The channel closed with eight unacknowledged: each went back to the queue once.
+    assert redis.llen(queue) == 8
+    assert all(redis.zscore(keys[0], t) is None and not redis.hexists(keys[1], t) for t in tags)
+    again = consume(broker, queue, 8, timeout=30)
+    assert sorted(m.payload["n"] for m in again) == list(range(4, 12))
+
+
+def test_a_take_never_exceeds_the_consumers_prefetch(broker: str, queue: str) -> None:
+    for n in range(30):
+        publish(broker, queue, {"n": n})
+    redis = Redis.from_url(broker)
+    received: list[Message] = []
+    acking = False
+
+    def on_message(message: Message) -> None:
+        received.append(message)
+        if acking:
+            message.ack()
+
+    with (
+        consumer_connection(broker, {}) as conn,
+        Consumer(
+            conn.default_channel,
+            queues=[Queue(queue)],
+            on_message=on_message,
+            accept=["json"],
+            prefetch_count=5,
+        ),
+    ):
+        # Nothing is acknowledged: five, and no more, may be in hand.
+        _drain(conn, lambda: False, timeout=2)
+        assert [m.payload["n"] for m in received] == [0, 1, 2, 3, 4]
+        assert redis.llen(queue) == 25
+        received[0].ack()
+        _drain(conn, lambda: False, timeout=2)
+        assert [m.payload["n"] for m in received] == [0, 1, 2, 3, 4, 5]
+        assert redis.llen(queue) == 24
+        acking = True
+        for message in received[1:]:
+            message.ack()
+        _drain(conn, lambda: len(received) == 30)
+    assert [m.payload["n"] for m in received] == list(range(30))
+    assert redis.llen(queue) == 0
+
+
+def test_what_a_raising_consumer_was_not_handed_goes_back_in_order(broker: str, queue: str) -> None:
+    for n in range(20):
+        publish(broker, queue, {"n": n})
+    redis = Redis.from_url(broker)
+    acked: list[int] = []
+
+    def on_message(message: Message) -> None:
+        if message.payload["n"] == 6:
+            raise RuntimeError("the consumer's own failure")
+        acked.append(message.payload["n"])
+        message.ack()
+
+    with (
+        consumer_connection(broker, {}) as conn,
+        Consumer(
+            conn.default_channel, queues=[Queue(queue)], on_message=on_message, accept=["json"]
+        ),
+    ):
+        with pytest.raises(RuntimeError, match="own failure"):
+            _drain(conn, lambda: False)
+        # Six were handled; the seventh raised; the take's other messages are back on the
+        # queue, in their order, out of the unacked hash.
+        assert acked == [0, 1, 2, 3, 4, 5]
+        back = [json.loads(item)["body"] for item in redis.lrange(queue, 0, -1)]
+        assert len(back) == 13
+    # The one that raised was handed over (recorded, unacknowledged): the close restored it.
+    rest = consume(broker, queue, 14, timeout=30)
+    assert sorted(m.payload["n"] for m in rest) == list(range(6, 20))
+    assert [m.payload["n"] for m in rest if m.payload["n"] != 6] == list(range(7, 20))
+
+
+def test_junk_inside_a_backlog_is_kept_aside_and_the_rest_taken(broker: str, queue: str) -> None:
+    redis = Redis.from_url(broker)
+    for n in range(3):
+        publish(broker, queue, {"n": n})
+    redis.lpush(queue, b'{"json": "but not a kombu message"}')
+    redis.lpush(queue, b"\xff not json")
+    for n in range(3, 6):
+        publish(broker, queue, {"n": n})
+    received = consume(broker, queue, 6, timeout=30)
+    assert [m.payload["n"] for m in received] == list(range(6))
+    assert redis.lrange(f"{processing_key(queue)}:unreadable", 0, -1) == [
+        b'{"json": "but not a kombu message"}',
+        b"\xff not json",
+    ]
+
+
+def test_taken_messages_of_a_consumer_without_acks_leave_no_record(broker: str, queue: str) -> None:
+    for n in range(10):
+        publish(broker, queue, {"n": n})
+    redis = Redis.from_url(broker)
+    received: list[Message] = []
+    with consumer_connection(broker, {}) as conn:
+        channel = conn.default_channel
+        with Consumer(
+            channel, queues=[Queue(queue)], on_message=received.append, no_ack=True, accept=["json"]
+        ):
+            _drain(conn, lambda: len(received) == 10)
+        tags = [m.delivery_tag for m in received]
+        assert all(_recorded(redis, channel, t) == (False, False) for t in tags)
+    assert [m.payload["n"] for m in received] == list(range(10))
+    # Nothing for a close, or a later visibility timeout, to put back.
     assert redis.llen(queue) == 0

@@ -73,7 +73,8 @@ return redis.call('LLEN', KEYS[4])
 # A take: up to ARGV[1] messages off the queue (KEYS[1]), oldest first, each recorded as kombu's
 # QoS records a delivery: its tag in the index (KEYS[2]) at ARGV[2], and in the hash (KEYS[3])
 # the JSON array [message, exchange, routing_key] that kombu's restore reads. A message without
-# a delivery tag (not a kombu message) is kept aside in KEYS[4]. Answers {kept aside, messages}.
+# a delivery tag (not a kombu message) is kept aside in KEYS[4]. Answers {how many were kept
+# aside, tag, message, tag, message, ...}.
 _TAKE = """
 local items = redis.call('RPOP', KEYS[1], ARGV[1])
 if not items then return {0} end
@@ -88,6 +89,7 @@ for _, item in ipairs(items) do
     redis.call('ZADD', KEYS[2], ARGV[2], tag)
     redis.call('HSET', KEYS[3], tag, '[' .. item .. ',' .. cjson.encode(info.exchange) .. ','
       .. cjson.encode(info.routing_key) .. ']')
+    taken[#taken + 1] = tag
     taken[#taken + 1] = item
   else
     redis.call('RPUSH', KEYS[4], item)
@@ -287,18 +289,23 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             self._flush_brpop_reauth()
 
     def _deliver_taken(self, queue: str, asked: int, reply: list[Any]) -> bool:
-        unreadable, items = int(reply[0]), reply[1:]
-        if unreadable:
-            kept = f"{processing_key(queue)}:unreadable"
-            log.error(
-                "reliable_redis.unreadable_message", queue=queue, kept_in=kept, count=unreadable
-            )
+        kept_aside = int(reply[0])
+        taken = list(zip(reply[1::2], reply[2::2], strict=True))  # (tag, message), oldest first
         # A short take emptied the queue: the next poll blocks on BLMOVE.
-        self._backlog = len(items) + unreadable >= asked
-        if not items:
-            raise virtual.Empty()
-        payloads = [loads(bytes_to_str(item)) for item in items]
-        for index, payload in enumerate(payloads):
+        self._backlog = len(taken) + kept_aside >= asked
+        unreadable = f"{processing_key(queue)}:unreadable"
+        delivered = 0
+        for index, (tag, item) in enumerate(taken):
+            try:
+                payload = loads(bytes_to_str(item))
+            except (ValueError, TypeError, ContentDisallowed):
+                # The script could read it; should Python not, it is kept aside all the same
+                # (and then its record dropped: a crash in between restores it, not loses it).
+                with self.conn_or_acquire() as client:
+                    client.rpush(unreadable, item)
+                self.qos.forget_taken([tag])
+                kept_aside += 1
+                continue
             self._inflight = _RECORDED
             try:
                 self.connection._deliver(payload, queue)
@@ -306,20 +313,28 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 # Not handed over (the consumer raised): this message if our QoS never saw it,
                 # and the ones after it, go back to the queue, in order.
                 start = index if self.take_inflight() is not None else index + 1
-                self._put_back_taken(queue, items[start:], payloads[start:])
+                self._put_back_taken(queue, taken[start:])
                 raise
+            delivered += 1
             if self.take_inflight() is not None:
                 # Delivered without our QoS (a consumer without acknowledgements, or kombu's
                 # requeue of a message no consumer wanted): no ack will ever clear its record.
-                self.qos.forget_taken([payload["properties"]["delivery_tag"]])
+                self.qos.forget_taken([tag])
+        if kept_aside:
+            log.error(
+                "reliable_redis.unreadable_message",
+                queue=queue,
+                kept_in=unreadable,
+                count=kept_aside,
+            )
+        if delivered == 0:
+            raise virtual.Empty()
         return True
 
-    def _put_back_taken(self, queue: str, items: list[bytes], payloads: list[Any]) -> None:
-        if not items:
+    def _put_back_taken(self, queue: str, taken: list[tuple[bytes, bytes]]) -> None:
+        if not taken:
             return
-        args: list[Any] = []
-        for item, payload in zip(items, payloads, strict=True):
-            args += [payload["properties"]["delivery_tag"], item]
+        args = [part for pair in taken for part in pair]
         self.run_script(
             _PUT_BACK_TAKEN, [self.qos.unacked_index_key, self.qos.unacked_key, queue], args
         )

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from kombu import Connection, Consumer, Exchange, Message, Producer, Queue
+from kombu.utils.json import loads as kombu_loads
 from redis import Redis
 
 from config.keys import PROCESSING_STALE_S, processing_key
@@ -409,4 +410,35 @@ def test_taken_messages_of_a_consumer_without_acks_leave_no_record(broker: str, 
         assert all(_recorded(redis, channel, t) == (False, False) for t in tags)
     assert [m.payload["n"] for m in received] == list(range(10))
     # Nothing for a close, or a later visibility timeout, to put back.
+    assert redis.llen(queue) == 0
+
+
+def test_a_taken_message_python_cannot_read_is_kept_aside_without_a_record(
+    broker: str, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The take's script reads JSON with Lua's decoder; were Python's to disagree on a message, it
+    # is kept aside like any unreadable one, and its record dropped.
+    def picky_loads(text: str) -> object:
+        if '"poison": true' in text:
+            raise ValueError("Python's decoder refuses it")
+        return kombu_loads(text)
+
+    monkeypatch.setattr(reliable_redis, "loads", picky_loads)
+    for n in ["first", "second", "third", "fourth"]:
+        # The body is base64 in the message's JSON; a header is not.
+        publish(broker, queue, {"n": n}, headers={"poison": n == "third"})
+    redis = Redis.from_url(broker)
+    with consumer_connection(broker, {}) as conn:
+        received = _receive(conn, queue, 3)
+        channel = conn.default_channel
+        assert [m.payload["n"] for m in received] == ["first", "second", "fourth"]
+        assert all(_recorded(redis, channel, m.delivery_tag) == (True, True) for m in received)
+        [kept] = redis.lrange(f"{processing_key(queue)}:unreadable", 0, -1)
+        assert _recorded(redis, channel, json.loads(kept)["properties"]["delivery_tag"]) == (
+            False,
+            False,
+        )
+        for message in received:
+            message.ack()
+    # Nothing was left to restore on close.
     assert redis.llen(queue) == 0

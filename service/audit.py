@@ -258,11 +258,25 @@ class AuditConsumer:
         ):
             log.info("audit.started", queue=queue.name, batch_size=self._batch_size)
             while not stop.is_set():
+                self._gather(channel, stop)
                 with contextlib.suppress(TimeoutError):
                     connection.drain_events(timeout=self._drain_timeout())
                 if self.batch_due():
                     self._flush_or_back_off(stop)
             self._flush_or_back_off(stop)
+
+    def _gather(self, channel: Any, stop: threading.Event) -> None:
+        """With a batch open and the queue just emptied, let the rest of the window's events
+        gather on the queue, then take them in one round trip: taken one by one as they came,
+        a trickle cost four times the CPU an event that a burst did (docs/benchmarks.md,
+        round 6). The batch is stored at the window's end either way. On RabbitMQ the broker
+        streams deliveries up to the prefetch: nothing to gather."""
+        if not self._pending or self.batch_due():
+            return
+        remaining = self._first_at + self._batch_window_s - self._clock()
+        take_next = getattr(channel, "take_next", None)
+        if remaining > 0 and take_next is not None and take_next():
+            stop.wait(remaining)
 
     def _drain_timeout(self) -> float:
         if not self._pending:

@@ -228,6 +228,15 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
     def note_backlog(self, waiting: bool) -> None:
         self._backlog = waiting
 
+    def take_next(self) -> bool:
+        """Make the next poll a take, whatever the last one found: for a consumer that let
+        messages gather on the queue (the audit consumer, within its batch window). False, and
+        nothing changed, when the queue still has messages or a poll is in flight."""
+        if self._backlog or self._in_poll:
+            return False
+        self._backlog = True
+        return True
+
     def _take_count(self) -> int:
         """How many messages the next poll should take (0: block on ``BLMOVE`` instead)."""
         if not self._backlog:

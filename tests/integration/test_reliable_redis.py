@@ -442,3 +442,35 @@ def test_a_taken_message_python_cannot_read_is_kept_aside_without_a_record(
             message.ack()
     # Nothing was left to restore on close.
     assert redis.llen(queue) == 0
+
+
+def test_take_next_makes_the_next_poll_take_what_gathered(broker: str, queue: str) -> None:
+    # The audit consumer lets a batch window's events gather on the queue, then takes them in one
+    # poll (service/audit.py); without take_next, a poll after an emptied queue blocks on BLMOVE
+    # and hands over one message.
+    publish(broker, queue, {"n": 0})
+    redis = Redis.from_url(broker)
+    received: list[Message] = []
+    with (
+        consumer_connection(broker, {}) as conn,
+        Consumer(
+            conn.default_channel, queues=[Queue(queue)], on_message=received.append, accept=["json"]
+        ),
+    ):
+        _drain(conn, lambda: len(received) == 1)
+        channel = conn.default_channel
+        for n in range(1, 8):
+            publish(broker, queue, {"n": n})
+        assert channel.take_next()
+        assert not channel.take_next()  # already a take: nothing to change
+        conn.drain_events(timeout=5)
+        assert [m.payload["n"] for m in received] == list(range(8))
+        assert redis.llen(queue) == 0
+        # The take came back short (the queue is empty): the next poll blocks on BLMOVE again.
+        publish(broker, queue, {"n": 8})
+        publish(broker, queue, {"n": 9})
+        conn.drain_events(timeout=5)
+        assert [m.payload["n"] for m in received] == list(range(9))
+        assert redis.llen(queue) == 1
+        for message in received:
+            message.ack()

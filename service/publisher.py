@@ -2,14 +2,15 @@
 
 Every publish declares the exchange first: on the Redis transport kombu keeps an exchange's
 type in the publishing process, and an undeclared exchange routes as direct (the contract).
+On Redis, a call's messages go out in one round trip (service/routed_publish.py); elsewhere, or
+when that fails, through kombu's ``Producer.publish``, retrying.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
 import structlog
 from kombu import Connection, Exchange, Producer, Queue
@@ -22,6 +23,7 @@ from config.keys import (
     EVENTS_EXCHANGE,
 )
 from service.reliable_redis import transport_for
+from service.routed_publish import NotRoutedHere, Outgoing, RoutedPublish
 
 EVENTS = Exchange(EVENTS_EXCHANGE, type="topic", durable=True)
 COMMANDS = Exchange(COMMANDS_EXCHANGE, type="topic", durable=True)
@@ -54,6 +56,7 @@ class Publisher:
                 entity.bind(producer.channel).declare()
             self._local.connection = connection
             self._local.producer = producer
+            self._local.routed = _routed_publish(producer.channel)
         return producer
 
     def publish_events(self, events: Iterable[tuple[str, str]]) -> None:
@@ -72,43 +75,49 @@ class Publisher:
         content_type: str | None = None,
     ) -> None:
         pending = list(messages)
-        if len(pending) > 1:
-            try:
-                # One pipeline for the pushes of all the messages (kombu's Redis transport; the
-                # others publish at once): a step's two events cost one round trip, not two.
-                self._send(exchange, pending, content_type, batch=True)
+        if not pending:
+            return
+        content_type = content_type or CLOUDEVENTS_CONTENT_TYPE
+        try:
+            routed = self._routed()
+            if routed is not None:
+                # On Redis, all of them in one round trip (service/routed_publish.py).
+                routed.publish(
+                    exchange.name,
+                    [Outgoing(key, body.encode("utf-8"), content_type) for key, body in pending],
+                )
                 return
-            except Exception as exc:
-                # Delivery is uncertain (a pipeline that failed may have run in part): send
-                # them again one by one, retrying; consumers dedup on the CloudEvent id.
-                log.info("publish.batch_failed", error=str(exc)[:200], messages=len(pending))
-        self._send(exchange, pending, content_type, batch=False)
+        except NotRoutedHere as exc:
+            log.info("publish.through_kombu", reason=str(exc))
+        except Exception as exc:
+            # Delivery is uncertain (the script may have run): send them again through kombu,
+            # retrying, on a new connection; consumers dedup on the CloudEvent id.
+            log.info("publish.batch_failed", error=str(exc)[:200], messages=len(pending))
+            self.close()
+        self._send(exchange, pending, content_type)
 
-    def _send(
-        self,
-        exchange: Exchange,
-        messages: list[tuple[str, str]],
-        content_type: str | None,
-        *,
-        batch: bool,
-    ) -> None:
+    def _routed(self) -> RoutedPublish | None:
+        channel = self._producer().channel
+        routed: RoutedPublish | None = self._local.routed
+        if routed is not None and not routed.serves(channel):
+            # kombu's retry revived the connection on a new channel.
+            routed = self._local.routed = _routed_publish(channel)
+        return routed
+
+    def _send(self, exchange: Exchange, messages: list[tuple[str, str]], content_type: str) -> None:
         try:
             producer = self._producer()
-            with (
-                producer.batch() if batch else nullcontext(),
-                _bindings_read_once(producer.channel) if batch else nullcontext(),
-            ):
-                for routing_key, body in messages:
-                    producer.publish(
-                        body.encode("utf-8"),
-                        exchange=exchange,
-                        routing_key=routing_key,
-                        content_type=content_type or CLOUDEVENTS_CONTENT_TYPE,
-                        content_encoding="utf-8",
-                        delivery_mode=2,
-                        retry=True,
-                        retry_policy=PUBLISH_RETRY_POLICY,
-                    )
+            for routing_key, body in messages:
+                producer.publish(
+                    body.encode("utf-8"),
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    content_type=content_type,
+                    content_encoding="utf-8",
+                    delivery_mode=2,
+                    retry=True,
+                    retry_policy=PUBLISH_RETRY_POLICY,
+                )
         except Exception:
             # A broken connection must not be reused by the next publish.
             self.close()
@@ -122,27 +131,10 @@ class Publisher:
             finally:
                 self._local.connection = None
                 self._local.producer = None
+                self._local.routed = None
 
 
-@contextmanager
-def _bindings_read_once(channel: Any) -> Iterator[None]:
-    """kombu's Redis transport reads an exchange's binding table (``SMEMBERS``) for every
-    message; the messages of one batch are routed by one reading of it, as if they had been
-    published at its first message's moment. Kept no longer than the batch, so a queue bound
-    a moment ago (a downstream consumer's) is never missed by a later publish."""
-    read = getattr(channel, "get_table", None)
-    if read is None:  # not a virtual transport: the broker routes
-        yield
-        return
-    tables: dict[str, Any] = {}
-
-    def read_once(exchange: str) -> Any:
-        if exchange not in tables:
-            tables[exchange] = read(exchange)
-        return tables[exchange]
-
-    channel.get_table = read_once
-    try:
-        yield
-    finally:
-        del channel.get_table  # the transport's own method again
+def _routed_publish(channel: Any) -> RoutedPublish | None:
+    """The channel's one-round-trip publishing, where it has one (the service's Redis transport)."""
+    routed = getattr(channel, "routed_publish", None)
+    return None if routed is None else cast(RoutedPublish | None, routed())

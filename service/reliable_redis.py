@@ -42,6 +42,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from config.keys import PROCESSING_STALE_S, processing_key
+from service.routed_publish import NotRoutedHere, RoutedPublish
 
 log = structlog.get_logger(__name__)
 
@@ -198,6 +199,32 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._last_pass = float("-inf")
         # When this channel first saw each message in a processing list: {key: {item: t}}.
         self._first_seen: dict[str, dict[bytes, float]] = {}
+        self._routed: RoutedPublish | None = None
+        self._routing_refused = False  # kombu's publish only (RoutedPublish refused the channel)
+
+    # --- publishing ---
+    def routed_publish(self) -> RoutedPublish | None:
+        """This channel's one-round-trip publishing (service/routed_publish.py), if it can."""
+        if self._routed is None and not self._routing_refused:
+            try:
+                self._routed = RoutedPublish(self)
+            except NotRoutedHere:
+                self._routing_refused = True
+        return self._routed
+
+    def basic_publish(self, message: Any, exchange: str, routing_key: str, **kwargs: Any) -> Any:
+        # kombu reads the exchange's bindings for every message, then pushes it: two round trips
+        # (Celery's task messages included); one here. kombu's own publish batch routes as kombu.
+        routed = self.routed_publish() if exchange else None
+        if routed is None or "_publish_batch" in kwargs:
+            return super().basic_publish(message, exchange, routing_key, **kwargs)
+        self._inplace_augment_message(message, exchange, routing_key)
+        try:
+            routed.push(exchange, [(routing_key, message)])
+        except NotRoutedHere:
+            # What kombu's basic_publish does once the message is augmented.
+            return self.typeof(exchange).deliver(message, exchange, routing_key, **kwargs)
+        return None
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:

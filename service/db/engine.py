@@ -9,10 +9,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool, Pool, QueuePool
 from sqlmodel import Session
+
+from service.db.driver_statements import DriverStatement
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Open SQLite connections kept per process. Opening one sets up the WAL and closing the last one
@@ -70,13 +72,18 @@ def _sqlite_engine(url: str, database: str | None) -> Engine:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
+    # On the driver's cursor: every step's completion begins one, and exec_driver_sql's
+    # execution context cost more than the BEGIN itself (docs/benchmarks.md, round 7).
+    begin_writing = DriverStatement(text("BEGIN IMMEDIATE"), engine.dialect)
+    begin_reading = DriverStatement(text("BEGIN"), engine.dialect)
+
     @event.listens_for(engine, "begin")
     def _begin(connection: Any) -> None:
         # A writer takes the write lock up front: a deferred transaction that later upgrades to
         # write fails at once with "database is locked" instead of waiting out the busy
         # timeout. Readers stay deferred, so that they never wait behind a writer (WAL).
         writes = connection.get_execution_options().get(WRITE_OPTION, False)
-        connection.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
+        (begin_writing if writes else begin_reading).run(connection, {})
 
     return engine
 

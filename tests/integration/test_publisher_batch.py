@@ -31,6 +31,20 @@ def publisher(services: Container) -> Iterator[Publisher]:
     publisher.close()
 
 
+@pytest.fixture
+def redis_url(services: Container) -> str:
+    """Redis, whatever the session's broker: the one-script publishing is the Redis transport's
+    (on RabbitMQ the broker routes)."""
+    return services.settings.redis_url
+
+
+@pytest.fixture
+def redis_publisher(redis_url: str) -> Iterator[Publisher]:
+    publisher = Publisher(redis_url)
+    yield publisher
+    publisher.close()
+
+
 def bound_queue(connection: Connection, routing_key: str) -> Queue:
     queue = Queue(
         f"tests.batch.{uuid.uuid4().hex[:8]}",
@@ -92,21 +106,21 @@ def test_a_batch_reaches_every_bound_queue_in_order_and_a_new_binding_gets_the_n
 
 
 def test_a_queue_deleted_between_batches_gets_nothing_more(
-    services: Container, publisher: Publisher
+    redis_url: str, redis_publisher: Publisher
 ) -> None:
     # The publisher routes by its copy of the binding table: the script must see it is stale.
     # (Deleting a queue removes its bindings; kombu's unbind on Redis leaves the table as is.)
     slug = new_slug("deleted")
     first, second = events(slug, 2), events(slug, 2)
-    with Connection(services.settings.broker_url) as connection:
+    with Connection(redis_url) as connection:
         leaving = bound_queue(connection, "tenant.provisioning.*")
         staying = bound_queue(connection, "#")
         client = connection.default_channel.client
         try:
-            publisher.publish_events(first)
+            redis_publisher.publish_events(first)
             assert drain(leaving, slug) == ids_of(first)
             leaving.delete()
-            publisher.publish_events(second)
+            redis_publisher.publish_events(second)
             assert client.exists(leaving.name) == 0
             assert drain(staying, slug) == ids_of(first) + ids_of(second)
         finally:
@@ -114,11 +128,11 @@ def test_a_queue_deleted_between_batches_gets_nothing_more(
 
 
 def test_a_batch_is_one_script_once_the_bindings_are_known(
-    services: Container, publisher: Publisher, monkeypatch: pytest.MonkeyPatch
+    redis_publisher: Publisher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     slug = new_slug("trips")
-    publisher.publish_events(events(slug, 2))  # reads the table (a second script run)
-    channel = publisher._producer().channel
+    redis_publisher.publish_events(events(slug, 2))  # reads the table (a second script run)
+    channel = redis_publisher._producer().channel
     runs: list[str] = []
     run_script = channel.run_script
 
@@ -128,21 +142,21 @@ def test_a_batch_is_one_script_once_the_bindings_are_known(
 
     monkeypatch.setattr(channel, "run_script", counted)
     for _ in range(3):
-        publisher.publish_events(events(slug, 2))
+        redis_publisher.publish_events(events(slug, 2))
     assert len(runs) == 3
 
 
 def test_a_message_is_the_one_kombu_would_have_sent(
-    services: Container, publisher: Publisher
+    redis_url: str, redis_publisher: Publisher
 ) -> None:
     """Byte for byte as kombu's Producer.publish writes it, but for its delivery tag."""
     slug = new_slug("format")
     ((routing_key, body),) = events(slug, 1)
-    with Connection(services.settings.broker_url) as connection:
+    with Connection(redis_url) as connection:
         queue = bound_queue(connection, routing_key)
         client = connection.default_channel.client
         try:
-            publisher.publish_events([(routing_key, body)])
+            redis_publisher.publish_events([(routing_key, body)])
             Producer(connection.default_channel).publish(
                 body.encode("utf-8"),
                 exchange=EVENTS,
@@ -159,19 +173,36 @@ def test_a_message_is_the_one_kombu_would_have_sent(
     assert ours == kombus
 
 
+def test_a_publish_after_the_server_forgot_its_scripts_is_delivered(
+    redis_url: str, redis_publisher: Publisher
+) -> None:
+    # A Redis restarted empty knows no script: EVALSHA fails once and the script is sent again.
+    slug = new_slug("noscript")
+    first, second = events(slug, 2), events(slug, 2)
+    with Connection(redis_url) as connection:
+        queue = bound_queue(connection, "#")
+        try:
+            redis_publisher.publish_events(first)
+            connection.default_channel.client.script_flush()
+            redis_publisher.publish_events(second)
+            assert drain(queue, slug) == ids_of(first) + ids_of(second)
+        finally:
+            queue.delete()
+
+
 def test_a_publish_whose_connection_was_killed_loses_nothing(
-    services: Container, publisher: Publisher
+    redis_url: str, redis_publisher: Publisher
 ) -> None:
     slug = new_slug("killed")
     first, second = events(slug, 2), events(slug, 3)
-    with Connection(services.settings.broker_url) as connection:
+    with Connection(redis_url) as connection:
         queue = bound_queue(connection, "#")
         try:
-            publisher.publish_events(first)
-            with publisher._producer().channel.conn_or_acquire() as client:
+            redis_publisher.publish_events(first)
+            with redis_publisher._producer().channel.conn_or_acquire() as client:
                 own_id = client.client_id()
             connection.default_channel.client.client_kill_filter(_id=own_id)
-            publisher.publish_events(second)
+            redis_publisher.publish_events(second)
             # At least once, in order: a resend after an uncertain failure may repeat some.
             received = list(dict.fromkeys(drain(queue, slug)))
             assert received == ids_of(first) + ids_of(second)
@@ -179,8 +210,8 @@ def test_a_publish_whose_connection_was_killed_loses_nothing(
             queue.delete()
 
 
-def test_a_fanout_exchange_is_left_to_kombu(services: Container) -> None:
-    with Connection(services.settings.broker_url) as connection:
+def test_a_fanout_exchange_is_left_to_kombu(redis_url: str) -> None:
+    with Connection(redis_url, transport=TRANSPORT) as connection:
         channel = connection.default_channel
         fanout = Exchange(f"tests.fanout.{uuid.uuid4().hex[:8]}", type="fanout")
         fanout.bind(channel).declare()
@@ -189,12 +220,12 @@ def test_a_fanout_exchange_is_left_to_kombu(services: Container) -> None:
             routed.publish(fanout.name, [Outgoing("any", b"{}", "application/json")])
 
 
-def test_the_transport_sends_a_task_message_in_one_script(services: Container) -> None:
+def test_the_transport_sends_a_task_message_in_one_script(redis_url: str) -> None:
     """Celery's messages too (a direct exchange, kombu's Producer) are routed and pushed in one
     round trip on the service's transport, and arrive as sent."""
     name = f"tests.direct.{uuid.uuid4().hex[:8]}"
     exchange = Exchange(name, type="direct")
-    with Connection(services.settings.broker_url, transport=TRANSPORT) as connection:
+    with Connection(redis_url, transport=TRANSPORT) as connection:
         channel = connection.default_channel
         queue = Queue(name, exchange=exchange, routing_key=name).bind(channel)
         queue.declare()
@@ -218,11 +249,11 @@ def test_the_transport_sends_a_task_message_in_one_script(services: Container) -
             queue.delete()
 
 
-def test_a_fanout_message_on_the_transport_goes_through_kombu(services: Container) -> None:
+def test_a_fanout_message_on_the_transport_goes_through_kombu(redis_url: str) -> None:
     """Celery's events and broadcasts use fanout exchanges: left to kombu's pub/sub."""
     exchange = Exchange(f"tests.fanout.{uuid.uuid4().hex[:8]}", type="fanout")
     received: list[object] = []
-    url = services.settings.broker_url
+    url = redis_url
     with (
         Connection(url, transport=TRANSPORT) as listening,
         Connection(url, transport=TRANSPORT) as sending,

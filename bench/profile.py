@@ -10,6 +10,10 @@ py-spy``) and the right to ptrace (root).
 (the worker's main process and pool, the audit consumer, the listener, Redis, the bench), the bare
 chain, the floor and the saga taking turns (``bench/cpu_by_process.py``).
 
+``--in-process`` measures the saga's own work without Celery, in this process: the thread CPU of a
+creation and of a step's body (``bench/in_process.py``). It is the steadiest of these measures,
+the one to compare two trees with on a noisy machine; ``--json FILE`` keeps its figures.
+
 ``--cpu`` profiles CPU time instead, with cProfile on each pool process's own clock
 (``bench/cpu_profile.py``): milliseconds of CPU per step by what the step was doing, and the
 ``.prof`` files for ``pstats`` or snakeviz. ``--bare`` and ``--floor`` profile the bare chain or
@@ -19,6 +23,8 @@ the floor (``bench/floor.py``) instead of the saga.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import re
 import shutil
 import signal
@@ -110,6 +116,25 @@ def _cpu(harness: Any, start: Any, sagas: int, name: str, cpu_dir: Path) -> int:
     return 0
 
 
+def _in_process(sagas: int, json_path: Path | None) -> int:
+    from bench.in_process import RecordedChains, measure
+    from config.settings import get_settings
+    from service.bootstrap import build_container
+
+    chains = RecordedChains()
+    services = build_container(get_settings(), dispatcher=chains)
+    measured = measure(services, chains, sagas, warmup=min(20, sagas))
+    print(
+        f"in-process, {measured.sagas} sagas ({measured.steps} steps), thread CPU medians:\n"
+        f"  a creation (handlers.create, no Celery chain sent)  {measured.creation_cpu_ms:.3f} ms\n"
+        f"  a step's body (SagaRunner.run_step)                 {measured.step_cpu_ms:.3f} ms"
+        f" (wall {measured.step_wall_ms:.3f} ms)"
+    )
+    if json_path is not None:
+        json_path.write_text(json.dumps(dataclasses.asdict(measured), indent=2) + "\n")
+    return 0
+
+
 def _by_process(harness: Any, sagas: int, rounds: int) -> int:
     starters = {
         "bare": harness.start_bare,
@@ -138,12 +163,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="CPU per step of each process, the bare chain, the floor and the saga in turn",
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="CPU of a creation and of a step's body without Celery, in this process",
+    )
+    parser.add_argument("--json", type=Path, help="with --in-process: write its figures here")
     parser.add_argument("--rounds", type=int, default=2, help="turns of each, with --by-process")
     parser.add_argument("--out", type=Path, default=Path("bench/results/profile"))
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not (args.cpu or args.by_process) and not Path(py_spy).exists():
+    if not (args.cpu or args.by_process or args.in_process) and not Path(py_spy).exists():
         parser.error("py-spy is not installed (pip install py-spy), or use --cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     name = "bare" if args.bare else "floor" if args.floor else "saga"
@@ -165,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         from service.bootstrap import build_container
 
         configure_logging("WARNING")
+        if args.in_process:
+            return _in_process(args.sagas, args.json)
         services = build_container(get_settings())
         harness = Harness(env, services, args.concurrency)
         stack.callback(harness.stop_processes)

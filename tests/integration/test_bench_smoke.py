@@ -18,6 +18,8 @@ from typing import Any
 import psutil
 import pytest
 
+from sagas.steps import STEPS
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,3 +187,16 @@ def test_cpu_by_process_gives_each_kind_its_workers_share() -> None:
         # CPU is read in clock ticks: the pool of the worker that ran the chains spent some.
         assert float(row[f"{worker}: pool"]) > 0, row
         assert float(row["all"]) >= float(row[f"{worker}: pool"]), row
+
+
+def test_in_process_measure_runs_every_step_of_each_saga(tmp_path: Path) -> None:
+    # `python -m bench.profile --in-process` (SQLite and Redis whatever the session's backends).
+    out = tmp_path / "in-process.json"
+    args = [sys.executable, "-m", "bench.profile", "--in-process", "--sagas", "3"]
+    text = _run([*args, "--json", str(out)], "in-process measure")
+    measured = json.loads(out.read_text())
+    assert measured["sagas"] == 3, text[-2000:]
+    assert measured["steps"] == 3 * len(STEPS), measured
+    for key in ("creation_cpu_ms", "step_cpu_ms", "step_wall_ms"):
+        assert isinstance(measured[key], float), measured
+        assert measured[key] > 0, measured

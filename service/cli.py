@@ -17,9 +17,7 @@ from rich.table import Table
 from config.logging import configure_logging
 from config.settings import SettingsError, get_settings
 from sagas.messages import CommandType
-from sagas.steps import STEPS
 from service.bootstrap import Container, container
-from service.faults import FaultMode
 from service.handlers import Outcome, Request
 from service.supervisor import Child, Supervisor, provisioner_argv
 from service.views import lock_view, tenant_detail, tenant_list
@@ -29,10 +27,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-faults_app = typer.Typer(
-    help="Inject upstream faults (held in Redis, seen by every worker).", no_args_is_help=True
-)
-app.add_typer(faults_app, name="faults")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
@@ -347,61 +341,6 @@ def lock(slug: str, as_json: JsonOpt = False) -> None:
         out.print(f"{slug}: free", markup=False)
 
 
-# --- faults ---
-@faults_app.command("add")
-def faults_add(
-    step: Annotated[str, typer.Argument(help="One of: " + ", ".join(STEPS))],
-    tenant: Annotated[str | None, typer.Option(help="Only this tenant's slug.")] = None,
-    times: Annotated[int | None, typer.Option(min=1, help="Spend on the next N tries.")] = None,
-    mode: Annotated[FaultMode, typer.Option(help="error, fatal or hang.")] = FaultMode.ERROR,
-    as_json: JsonOpt = False,
-) -> None:
-    """Make STEP fail (or hang) for a tenant, or for every tenant."""
-    try:
-        plan = _c().faults.add(step, mode=mode, tenant=tenant, times=times)
-    except ValueError as exc:
-        err.print(str(exc), markup=False)
-        raise typer.Exit(2) from None
-    if as_json:
-        _print_json(plan.__dict__ if not hasattr(plan, "__slots__") else json.loads(plan.to_json()))
-    else:
-        out.print(
-            f"fault {plan.id}: {plan.mode} on {plan.step} for {plan.tenant or 'any tenant'}"
-            + (f", {plan.times} tries" if plan.times else ", until cleared"),
-            markup=False,
-        )
-
-
-@faults_app.command("list")
-def faults_list(as_json: JsonOpt = False) -> None:
-    """The fault plans in force."""
-    plans = [json.loads(p.to_json()) for p in _c().faults.list()]
-    if as_json:
-        _print_json(plans)
-        return
-    table = Table()
-    for column in ("id", "step", "tenant", "mode", "times"):
-        table.add_column(column)
-    for p in plans:
-        table.add_row(
-            p["id"],
-            p["step"],
-            p["tenant"] or "*",
-            p["mode"],
-            "until cleared" if p["times"] is None else str(p["times"]),
-        )
-    out.print(table)
-
-
-@faults_app.command("clear")
-def faults_clear(
-    plan_id: Annotated[str | None, typer.Option("--id", help="Only this plan.")] = None,
-) -> None:
-    """Remove fault plans (all of them, or one); a hung step wakes up."""
-    cleared = _c().faults.clear(plan_id)
-    out.print(f"cleared {cleared} fault plan(s)")
-
-
 # Feature commands live in modules of their own; each registers itself here.
 from service.cli_feed import register as _register_feed  # noqa: E402
 
@@ -415,6 +354,9 @@ _register_ops(app)
 from service.cli_demo import register as _register_demo  # noqa: E402
 
 _register_demo(app)
+from service.cli_faults import register as _register_faults  # noqa: E402
+
+_register_faults(app)
 
 
 def main() -> None:

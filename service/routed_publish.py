@@ -94,7 +94,7 @@ class RoutedPublish:
         encoded = [(key, message, dumps(message)) for key, message in built]
         known = self._tables.get(exchange)
         for _ in range(ROUTINGS):
-            keys, args = self._routed(exchange, known, encoded)
+            keys, args = self._routed(exchange, kind, known, encoded)
             reply = channel.run_script(_CHECK_AND_PUSH, keys, args)
             if not isinstance(reply, list):
                 return
@@ -117,16 +117,17 @@ class RoutedPublish:
     def _routed(
         self,
         exchange: str,
+        kind: Any,
         known: _Table | None,
         encoded: list[tuple[str, dict[str, Any], str]],
     ) -> tuple[list[str], list[Any]]:
         """The script's keys and arguments for ``encoded`` (routing key, message, its JSON)
-        routed by ``known`` (None: not read yet, which the script answers with the table)."""
+        routed by ``kind`` (the exchange's kombu type) over ``known`` (None: not read yet,
+        which the script answers with the table)."""
         channel = self._channel
         keys = [channel.keyprefix_queue % exchange]
         if known is None:
             return keys, [-1]
-        kind = channel.typeof(exchange)
         deadletter = channel.deadletter_queue
         index: dict[str, int] = {}
         pushes: list[Any] = []

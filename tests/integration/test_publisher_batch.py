@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 
 import pytest
@@ -173,41 +173,48 @@ def test_a_message_is_the_one_kombu_would_have_sent(
     assert ours == kombus
 
 
+def publish_across(
+    redis_url: str, publisher: Publisher, name: str, disturb: Callable[[Connection], None]
+) -> tuple[list[str], list[str]]:
+    """Publish a batch, ``disturb`` the publisher's Redis, publish another: the ids received by
+    a queue bound to everything, and the ids sent."""
+    slug = new_slug(name)
+    first, second = events(slug, 2), events(slug, 3)
+    with Connection(redis_url) as connection:
+        queue = bound_queue(connection, "#")
+        try:
+            publisher.publish_events(first)
+            disturb(connection)
+            publisher.publish_events(second)
+            return drain(queue, slug), ids_of(first) + ids_of(second)
+        finally:
+            queue.delete()
+
+
 def test_a_publish_after_the_server_forgot_its_scripts_is_delivered(
     redis_url: str, redis_publisher: Publisher
 ) -> None:
     # A Redis restarted empty knows no script: EVALSHA fails once and the script is sent again.
-    slug = new_slug("noscript")
-    first, second = events(slug, 2), events(slug, 2)
-    with Connection(redis_url) as connection:
-        queue = bound_queue(connection, "#")
-        try:
-            redis_publisher.publish_events(first)
-            connection.default_channel.client.script_flush()
-            redis_publisher.publish_events(second)
-            assert drain(queue, slug) == ids_of(first) + ids_of(second)
-        finally:
-            queue.delete()
+    def forget_scripts(connection: Connection) -> None:
+        connection.default_channel.client.script_flush()
+
+    received, sent = publish_across(redis_url, redis_publisher, "noscript", forget_scripts)
+    assert received == sent
 
 
 def test_a_publish_whose_connection_was_killed_loses_nothing(
     redis_url: str, redis_publisher: Publisher
 ) -> None:
-    slug = new_slug("killed")
-    first, second = events(slug, 2), events(slug, 3)
-    with Connection(redis_url) as connection:
-        queue = bound_queue(connection, "#")
-        try:
-            redis_publisher.publish_events(first)
-            with redis_publisher._producer().channel.conn_or_acquire() as client:
-                own_id = client.client_id()
-            connection.default_channel.client.client_kill_filter(_id=own_id)
-            redis_publisher.publish_events(second)
-            # At least once, in order: a resend after an uncertain failure may repeat some.
-            received = list(dict.fromkeys(drain(queue, slug)))
-            assert received == ids_of(first) + ids_of(second)
-        finally:
-            queue.delete()
+    def kill_publishers_connection(connection: Connection) -> None:
+        with redis_publisher._producer().channel.conn_or_acquire() as client:
+            own_id = client.client_id()
+        connection.default_channel.client.client_kill_filter(_id=own_id)
+
+    received, sent = publish_across(
+        redis_url, redis_publisher, "killed", kill_publishers_connection
+    )
+    # At least once, in order: a resend after an uncertain failure may repeat some.
+    assert list(dict.fromkeys(received)) == sent
 
 
 def test_a_fanout_exchange_is_left_to_kombu(redis_url: str) -> None:

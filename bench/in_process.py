@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from sagas.messages import CommandType
 from service.bootstrap import Container
-from service.dispatch import AttemptRef, DecommissionRef
+from service.dispatch import AttemptRef, DecommissionRef, StepTenant
 from service.handlers import Request
 
 
@@ -27,10 +27,10 @@ from service.handlers import Request
 class RecordedChains:
     """A dispatcher that sends nothing: the chains the handlers asked for, to run by hand."""
 
-    attempts: list[tuple[AttemptRef, list[str]]] = field(default_factory=list)
+    attempts: list[tuple[AttemptRef, list[str], StepTenant]] = field(default_factory=list)
 
-    def start_attempt(self, ref: AttemptRef, steps: list[str]) -> None:
-        self.attempts.append((ref, steps))
+    def start_attempt(self, ref: AttemptRef, steps: list[str], tenant: StepTenant) -> None:
+        self.attempts.append((ref, steps, tenant))
 
     def start_decommission(self, ref: DecommissionRef, compensations: list[str]) -> None:
         raise NotImplementedError("the in-process measure provisions only")
@@ -79,9 +79,10 @@ def _one(
     creations.append(time.thread_time() - began)
     if not outcome.accepted:
         raise RuntimeError(f"create {slug} was rejected: {outcome.message}")
-    ref, steps = chains.attempts.pop()
+    ref, steps, tenant = chains.attempts.pop()
     for step in steps:
         began, wall = time.thread_time(), time.perf_counter()
-        services.runner.run_step(ref, step, first_delivery=True)
+        # As the step task calls it on a message's first delivery.
+        services.runner.run_step(ref, step, first_delivery=True, tenant=tenant)
         steps_cpu.append(time.thread_time() - began)
         steps_wall.append(time.perf_counter() - wall)

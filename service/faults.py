@@ -54,41 +54,45 @@ class FaultPlan:
 
 
 # Pick the matching plan (a tenant's own plan before a plan for any tenant), spend one try of
-# it, and return it as it was before spending. A spent `hang` plan stays, with times 0, until
-# the hang it caused ends, so that clearing it is what wakes the step.
-_CONSUME = """
-local best, best_raw = nil, nil
-local fields = redis.call('HGETALL', KEYS[1])
-for i = 1, #fields, 2 do
-  local plan = cjson.decode(fields[i + 1])
-  local times = plan['times']
-  local live = (times == nil or times == cjson.null or times > 0)
-  if live and plan['step'] == ARGV[1] then
-    local tenant = plan['tenant']
-    if tenant == ARGV[2] then
-      if best == nil or best['tenant'] ~= ARGV[2] or plan['created_at'] < best['created_at'] then
-        best, best_raw = plan, fields[i + 1]
-      end
-    elseif (tenant == nil or tenant == cjson.null)
-        and (best == nil or best['tenant'] ~= ARGV[2]) then
-      if best == nil or plan['created_at'] < best['created_at'] then
-        best, best_raw = plan, fields[i + 1]
+# it, and return it as it was before spending (nil: none). A spent `hang` plan stays, with times
+# 0, until the hang it caused ends, so that clearing it is what wakes the step. A Lua function,
+# so that the step's preflight script can call it too (service/preflight.py).
+TAKE_PLAN_FUNCTION = """
+local function take_plan(key, step, tenant)
+  local best, best_raw = nil, nil
+  local fields = redis.call('HGETALL', key)
+  for i = 1, #fields, 2 do
+    local plan = cjson.decode(fields[i + 1])
+    local times = plan['times']
+    local live = (times == nil or times == cjson.null or times > 0)
+    if live and plan['step'] == step then
+      local owner = plan['tenant']
+      if owner == tenant then
+        if best == nil or best['tenant'] ~= tenant or plan['created_at'] < best['created_at'] then
+          best, best_raw = plan, fields[i + 1]
+        end
+      elseif (owner == nil or owner == cjson.null)
+          and (best == nil or best['tenant'] ~= tenant) then
+        if best == nil or plan['created_at'] < best['created_at'] then
+          best, best_raw = plan, fields[i + 1]
+        end
       end
     end
   end
-end
-if best == nil then return nil end
-local times = best['times']
-if times ~= nil and times ~= cjson.null then
-  if times <= 1 and best['mode'] ~= 'hang' then
-    redis.call('HDEL', KEYS[1], best['id'])
-  else
-    best['times'] = times - 1
-    redis.call('HSET', KEYS[1], best['id'], cjson.encode(best))
+  if best == nil then return nil end
+  local times = best['times']
+  if times ~= nil and times ~= cjson.null then
+    if times <= 1 and best['mode'] ~= 'hang' then
+      redis.call('HDEL', key, best['id'])
+    else
+      best['times'] = times - 1
+      redis.call('HSET', key, best['id'], cjson.encode(best))
+    end
   end
+  return best_raw
 end
-return best_raw
 """
+_CONSUME = TAKE_PLAN_FUNCTION + "return take_plan(KEYS[1], ARGV[1], ARGV[2])\n"
 
 
 class FaultPlans:

@@ -85,6 +85,10 @@ class TenantLocks:
     def client(self) -> Redis:
         return self._redis
 
+    @property
+    def ttl_ms(self) -> int:
+        return self._ttl_ms
+
     def queue_retake(self, pipe: Pipeline, slug: str, token: LockToken) -> None:
         """``retake_after_fence_check``'s script, queued on a pipeline (read its answer with
         ``retaken``); the pipeline must not be transactional: a NOSCRIPT answer (a Redis that

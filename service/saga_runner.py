@@ -24,8 +24,8 @@ from service.attempt_failure import AttemptFailure
 from service.attempt_fence import check_fence, lock_unfenced, raise_if_fenced
 from service.db.engine import unit_of_work
 from service.db.models import Attempt, Tenant
-from service.dispatch import AttemptRef
-from service.faults import FaultPlans
+from service.dispatch import AttemptRef, StepTenant
+from service.faults import FaultPlan, FaultPlans
 from service.locks import LockToken, TenantLocks
 from service.outbox import PendingEvents
 from service.preflight import StepPreflight
@@ -50,8 +50,8 @@ log = structlog.get_logger(__name__)
 LOCK_RENEW_EVERY_S = 5.0
 
 
-# What a step runs with once picked up: the provider's context, the lock token, the try number.
-_Begun = tuple[StepContext, "LockToken | None", int]
+# What a step runs with once picked up: the provider's context and the lock token.
+_Begun = tuple[StepContext, "LockToken | None"]
 
 
 class SagaRunner:
@@ -78,18 +78,37 @@ class SagaRunner:
 
     # --- the step ---
     def run_step(
-        self, ref: AttemptRef, step: str, *, first_delivery: bool = False
+        self,
+        ref: AttemptRef,
+        step: str,
+        *,
+        first_delivery: bool = False,
+        tenant: StepTenant | None = None,
     ) -> StepDone | RetryLater:
         """Run one step. ``first_delivery``: this is the task message's first delivery of the
         step's first try (not redelivered, not a retry), so a ``running`` row found for it is
-        the announcement of the step, not an earlier try that died."""
+        the announcement of the step, not an earlier try that died. ``tenant``: the tenant as
+        the message carries it (a message sent before it did carries none)."""
         tracing.annotate_step(ref, step)
-        begun = self._pick_up(ref, step) if first_delivery else None
-        if begun is None:
-            begun = self._start_in_transaction(ref, step)
-        if isinstance(begun, StepDone):
-            return begun
-        ctx, token, tries = begun
+        # The short way: the attempt's own lock, still in place, says that no reset and no newer
+        # attempt came since the step was announced, so the database need not be read before
+        # the provider; the completion's transaction checks the fence in any case.
+        confirmed = (
+            self._preflight.confirm(ref.slug, ref.attempt_id, step)
+            if first_delivery and tenant is not None
+            else None
+        )
+        plan: FaultPlan | None = None
+        token: LockToken | None
+        if confirmed is not None and tenant is not None:
+            ctx, token, plan = self._context_from(ref, tenant), confirmed.token, confirmed.plan
+        else:
+            begun = self._pick_up(ref, step) if first_delivery else None
+            if begun is None:
+                begun = self._start_in_transaction(ref, step)
+            if isinstance(begun, StepDone):
+                return begun
+            ctx, token = begun
         started = last_renewal = time.monotonic()
 
         def keep_lock() -> None:
@@ -103,10 +122,12 @@ class SagaRunner:
                 last_renewal = time.monotonic()
 
         try:
-            # Just past the fence check: we may retake a lock that vanished (Redis restart). The
-            # lock only guards; if Redis does not answer, the DB fence has decided: go on. In the
-            # same round trip, the step's fault plan (a Redis that does not answer fails the try).
-            plan = self._preflight.run(ref.slug, step, token)
+            if confirmed is None:
+                # Just past the fence check: we may retake a lock that vanished (Redis restart).
+                # The lock only guards; if Redis does not answer, the DB fence has decided: go
+                # on. In the same round trip, the step's fault plan (a Redis that does not
+                # answer fails the try).
+                plan = self._preflight.run(ref.slug, step, token)
             if self._faults.enact(plan, step, while_hanging=keep_lock):
                 check_fence(
                     self._engine, ref
@@ -115,12 +136,12 @@ class SagaRunner:
         except AttemptFenced:
             raise
         except StepError as exc:
-            return self._step_failed(ref, step, tries, exc)
+            return self._step_failed(ref, step, exc)
         except Exception as exc:
             # An unexpected error in a provider is treated as transient: retried, then failed.
             log.exception("step.unexpected_error", step=step, slug=ref.slug)
             wrapped = TransientUpstreamError(f"{type(exc).__name__}: {exc}")
-            return self._step_failed(ref, step, tries, wrapped, error_type=type(exc).__name__)
+            return self._step_failed(ref, step, wrapped, error_type=type(exc).__name__)
         return self._step_completed(ref, step, output, time.monotonic() - started)
 
     # --- picking a step up ---
@@ -158,7 +179,7 @@ class SagaRunner:
             console_url=self._settings.console_url_for(found.slug),
             outputs=LazyOutputs(self._engine, found.tenant_id),
         )
-        return ctx, token_of(found.lock_token), found.run_tries
+        return ctx, token_of(found.lock_token)
 
     def _start_in_transaction(self, ref: AttemptRef, step: str) -> _Begun | StepDone:
         """A redelivery or an automatic retry: count the try in the database (it survives the
@@ -180,11 +201,7 @@ class SagaRunner:
             else:
                 run.tries += 1
                 session.add(run)
-            begun = (
-                self._context(session, tenant, attempt),
-                token_of(attempt.lock_token),
-                run.tries,
-            )
+            begun = (self._context(session, tenant, attempt), token_of(attempt.lock_token))
         self._relay.publish_now(events.rows)
         return begun
 
@@ -207,17 +224,20 @@ class SagaRunner:
         return StepDone(done.output)
 
     def _step_failed(
-        self, ref: AttemptRef, step: str, tries: int, exc: StepError, error_type: str | None = None
+        self, ref: AttemptRef, step: str, exc: StepError, error_type: str | None = None
     ) -> RetryLater:
         error_type = error_type or exc.error_type
         message = str(exc)[:2000]
-        will_retry = exc.retryable and tries < self._settings.step_tries
         events = PendingEvents()
-        countdown = backoff_delay(self._settings.step_backoff_s, tries)
         with unit_of_work(self._engine) as session:
             tenant, attempt = lock_unfenced(session, ref)
             run = repo.step_run(session, attempt.id, step)
             assert run is not None
+            # The row's count, not one the task carried: a duplicate of the step's message may
+            # run it while the row already counts an automatic retry.
+            tries = run.tries
+            will_retry = exc.retryable and tries < self._settings.step_tries
+            countdown = backoff_delay(self._settings.step_backoff_s, tries)
             run.error_type = error_type
             run.error_message = message
             if will_retry:
@@ -267,6 +287,18 @@ class SagaRunner:
             self._locks.release(ref.slug, token)
 
     # --- helpers ---
+    def _context_from(self, ref: AttemptRef, tenant: StepTenant) -> StepContext:
+        return StepContext(
+            tenant_id=tenant.tenant_id,
+            slug=ref.slug,
+            plan=tenant.plan,
+            admin_email=tenant.admin_email,
+            attempt_number=ref.attempt_number,
+            data_dir=self._settings.data_dir,
+            console_url=self._settings.console_url_for(ref.slug),
+            outputs=LazyOutputs(self._engine, tenant.tenant_id),
+        )
+
     def _context(self, session: Session, tenant: Tenant, attempt: Attempt) -> StepContext:
         # Outputs are read only if a provider asks (check_readiness does), not in every step.
         return step_context(

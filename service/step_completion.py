@@ -18,7 +18,7 @@ from sqlalchemy import Engine, and_, bindparam, select, update
 from sqlmodel import col
 
 from config.settings import Settings
-from sagas.errors import AttemptFenced
+from sagas.errors import AttemptFenced, StepFailedForGood
 from sagas.messages import EventType
 from sagas.states import AttemptState, StepStatus, TenantState, transition
 from sagas.steps import next_step
@@ -59,6 +59,9 @@ _FENCE_AND_RUN = (
         col(StepRun.id),
         col(StepRun.status),
         col(StepRun.output),
+        col(StepRun.tries),
+        col(StepRun.error_type),
+        col(StepRun.error_message),
     )
     .join(Tenant, col(Tenant.id) == col(Attempt.tenant_id))
     .outerjoin(
@@ -123,7 +126,9 @@ class StepCompletion:
             if found is None:
                 raise AttemptFenced(f"attempt {ref.attempt_id} does not exist")
             number, attempt_epoch, attempt_state, lock_token, started_at = found[:5]
-            tenant_epoch, tenant_id, slug, tenant_state, run_id, run_status, run_output = found[5:]
+            tenant_epoch, tenant_id, slug, tenant_state, run_id, run_status, run_output = found[
+                5:12
+            ]
             if attempt_epoch != tenant_epoch or attempt_state != AttemptState.RUNNING:
                 raise AttemptFenced(
                     f"attempt {number} of {slug} is fenced (attempt epoch {attempt_epoch}, "
@@ -135,6 +140,15 @@ class StepCompletion:
                 # A second run of the step (a duplicate message) finished after the first: the
                 # first one completed it and announced the next step.
                 return Completion(dict(run_output or {}), [], lock_token, False, None, now)
+            if run_status == StepStatus.FAILED:
+                # A duplicate of the message ran the step while its first delivery failed it for
+                # good: the failure stands (the attempt's errback ends it).
+                tries, error_type, error_message = found[12:]
+                raise StepFailedForGood(step, error_type or "Error", error_message or "", tries)
+            if run_status != StepStatus.RUNNING:
+                raise LookupError(
+                    f"{step} of attempt {number} of {slug} is {run_status}, not running"
+                )
 
             self._complete_run.run(
                 connection,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import chain
 
-from service.dispatch import AttemptRef, DecommissionRef
+from service.dispatch import AttemptRef, DecommissionRef, StepTenant
 from tasks.steps import (
     COMPENSATE_TASKS,
     STEP_TASKS,
@@ -15,9 +15,10 @@ from tasks.steps import (
 
 
 class CeleryDispatcher:
-    def start_attempt(self, ref: AttemptRef, steps: list[str]) -> None:
+    def start_attempt(self, ref: AttemptRef, steps: list[str], tenant: StepTenant) -> None:
         kwargs = ref.as_kwargs()
-        saga = chain(*(STEP_TASKS[step].si(**kwargs) for step in steps))
+        facts = tenant.as_kwargs()
+        saga = chain(*(STEP_TASKS[step].si(**kwargs, tenant=facts) for step in steps))
         # link_error on a chain links the errback to every task in it.
         saga.link_error(fail_attempt.s(**kwargs))
         saga.apply_async()

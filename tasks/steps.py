@@ -16,7 +16,7 @@ from celery.signals import worker_process_shutdown
 from sagas.errors import AttemptFenced
 from sagas.steps import COMPENSATED, STEPS
 from service.bootstrap import built_container, container
-from service.dispatch import AttemptRef, DecommissionRef
+from service.dispatch import AttemptRef, DecommissionRef, StepTenant
 from service.step_context import RetryLater
 from tasks.app import app
 
@@ -47,11 +47,22 @@ def _first_delivery(task: Task) -> bool:
 
 def _make_step_task(step: str) -> Task:
     @app.task(name=f"{STEP_TASK_PREFIX}{step}", **TASK_OPTIONS)
-    def step_task(self: Task, *, slug: str, attempt_number: int, attempt_id: str) -> dict[str, Any]:
+    def step_task(
+        self: Task,
+        *,
+        slug: str,
+        attempt_number: int,
+        attempt_id: str,
+        tenant: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         _bind_log_context(slug=slug, attempt_number=attempt_number, step=step)
         ref = AttemptRef(slug=slug, attempt_number=attempt_number, attempt_id=attempt_id)
+        # A chain sent before steps carried their tenant has none: its steps read it.
+        facts = StepTenant(**tenant) if tenant is not None else None
         try:
-            outcome = container().runner.run_step(ref, step, first_delivery=_first_delivery(self))
+            outcome = container().runner.run_step(
+                ref, step, first_delivery=_first_delivery(self), tenant=facts
+            )
         except AttemptFenced as fenced:
             # A reset (or a newer run) superseded this attempt: write nothing, stop the chain.
             log.info("step.fenced", reason=str(fenced))

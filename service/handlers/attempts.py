@@ -22,7 +22,7 @@ from service import metrics, tracing
 from service import repository as repo
 from service.db.engine import unit_of_work
 from service.db.models import Attempt, StepRun, Tenant
-from service.dispatch import AttemptRef
+from service.dispatch import AttemptRef, StepTenant
 from service.handlers.answers import Outcome, Request, locked_message
 from service.handlers.deps import HandlerDeps, UseCase
 from service.locks import LockToken
@@ -79,7 +79,7 @@ class AttemptStarter(UseCase):
         self._relay.publish_now(rows)
         metrics.attempt_started("create")
         ref = AttemptRef(slug=request.slug, attempt_number=1, attempt_id=attempt_id)
-        self._dispatch_attempt(ref, list(STEPS))
+        self._dispatch_attempt(ref, list(STEPS), StepTenant(tenant_id, plan, admin_email))
         return self._book.accepted(
             request,
             EventType.STARTED,
@@ -166,7 +166,8 @@ class AttemptStarter(UseCase):
         self._relay.publish_now(events.rows)
         metrics.attempt_started("retry")
         ref = AttemptRef(slug=request.slug, attempt_number=number, attempt_id=attempt_id)
-        self._dispatch_attempt(ref, list(steps_from(plan.resumed_from)))
+        told = StepTenant(tenant.id, tenant.plan, tenant.admin_email)
+        self._dispatch_attempt(ref, list(steps_from(plan.resumed_from)), told)
         return self._book.accepted(
             request,
             EventType.STARTED,
@@ -238,10 +239,10 @@ class AttemptStarter(UseCase):
 
         return resume_point(made, still_exists)
 
-    def _dispatch_attempt(self, ref: AttemptRef, steps: list[str]) -> None:
+    def _dispatch_attempt(self, ref: AttemptRef, steps: list[str], tenant: StepTenant) -> None:
         try:
             with tracing.in_attempt(ref.attempt_id):  # the chain joins the attempt's trace
-                self._dispatcher.start_attempt(ref, steps)
+                self._dispatcher.start_attempt(ref, steps, tenant)
         except Exception as exc:
             # Nothing will run the saga: fail the attempt now rather than leave it provisioning.
             log.exception("dispatch.failed", slug=ref.slug, attempt=ref.attempt_number)

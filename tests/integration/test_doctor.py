@@ -32,7 +32,7 @@ from service.bootstrap import build_container
 from service.db.engine import make_engine, unit_of_work
 from service.db.migrate import migrate
 from service.db.models import Attempt, OutboxEvent, Tenant
-from service.dispatch import AttemptRef, DecommissionRef
+from service.dispatch import AttemptRef, DecommissionRef, StepTenant
 from service.doctor import Doctor, Finding, healthy
 from service.handlers import Request
 from service.locks import LockToken
@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[2]
 class NoDispatch:
     """The doctor's deployment runs no worker: nothing here may start a saga."""
 
-    def start_attempt(self, ref: AttemptRef, steps: list[str]) -> None:
+    def start_attempt(self, ref: AttemptRef, steps: list[str], tenant: StepTenant) -> None:
         raise AssertionError("no saga should start in the doctor tests")
 
     def start_decommission(self, ref: DecommissionRef, compensations: list[str]) -> None:

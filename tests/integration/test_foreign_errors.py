@@ -17,7 +17,7 @@ from sqlmodel import Session, select
 from sagas.messages import CommandType
 from service.bootstrap import Container, build_container
 from service.db.models import OutboxEvent
-from service.dispatch import AttemptRef, DecommissionRef
+from service.dispatch import AttemptRef, DecommissionRef, StepTenant
 from service.handlers import Request
 from tests.support.events import new_slug
 from tests.support.outcome import outcomes
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 
 class BrokenBroker:
-    def start_attempt(self, ref: AttemptRef, steps: list[str]) -> None:
+    def start_attempt(self, ref: AttemptRef, steps: list[str], tenant: StepTenant) -> None:
         raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
     def start_decommission(self, ref: DecommissionRef, compensations: list[str]) -> None:

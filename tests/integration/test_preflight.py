@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
+from config.keys import lock_key
 from service.bootstrap import Container
 from service.faults import FaultMode, FaultPlans
 from service.locks import LockToken, TenantLocks
@@ -70,3 +71,57 @@ def test_someone_elses_lock_is_left_alone(services: Container) -> None:
         assert locks.info(slug).run_id == "theirs"
     finally:
         locks.force_release(slug)
+
+
+def test_the_attempts_own_lock_is_confirmed_renewed_and_the_plan_spent_in_one_script(
+    redis_of_test: tuple[Redis, bool],
+) -> None:
+    redis, scripts_lost = redis_of_test
+    locks, faults = TenantLocks(redis, ttl_ms=60_000), FaultPlans(redis)
+    preflight = StepPreflight(locks, faults)
+    slug = new_slug("confirm")
+    token = LockToken.new("attempt-1", 3)
+    plan = faults.add("provision_storage", mode=FaultMode.ERROR, tenant=slug, times=1)
+    assert locks.acquire(slug, token)
+    try:
+        redis.pexpire(lock_key(slug), 1_000)  # about to lapse: renewed below
+        if scripts_lost:
+            redis.script_flush()
+        confirmed = preflight.confirm(slug, "attempt-1", "provision_storage")
+        assert confirmed is not None
+        assert confirmed.token == token
+        assert confirmed.plan is not None
+        assert confirmed.plan.id == plan.id
+        assert not faults.exists(plan.id)  # its one try is spent
+        ttl_s = locks.info(slug).ttl_s
+        assert ttl_s is not None
+        assert ttl_s > 50  # renewed to the lock's full TTL
+        again = preflight.confirm(slug, "attempt-1", "provision_storage")
+        assert again is not None
+        assert again.plan is None
+    finally:
+        locks.force_release(slug)
+        faults.clear(plan.id)
+
+
+@pytest.mark.parametrize("holder", [None, "attempt-2", "attempt-10"])
+def test_a_lock_that_is_not_the_attempts_is_not_confirmed_and_nothing_changes(
+    services: Container, holder: str | None
+) -> None:
+    """Gone (a reset, a Redis restart) or another attempt's: the step must read the database,
+    and neither the lock nor the plans may change before it has."""
+    redis = services.redis
+    locks, faults = TenantLocks(redis), FaultPlans(redis)
+    slug = new_slug("confirm")
+    theirs = LockToken.new(holder, 2) if holder else None
+    plan = faults.add("validate", mode=FaultMode.ERROR, tenant=slug, times=1)
+    if theirs is not None:
+        assert locks.acquire(slug, theirs)
+    try:
+        # "attempt-1" is a prefix of "attempt-10": the token's separator must be matched too.
+        assert StepPreflight(locks, faults).confirm(slug, "attempt-1", "validate") is None
+        assert faults.exists(plan.id)
+        assert locks.info(slug).token == (theirs.encode() if theirs else None)
+    finally:
+        locks.force_release(slug)
+        faults.clear(plan.id)

@@ -1,5 +1,7 @@
 """Issue 6: a step is announced (``running`` row, ``step_started``) by the transaction that makes
-it due, and the task that runs it counts a try only when it is redelivered or retried.
+it due, and the task that runs it counts a try only when it is redelivered or retried. On its
+message's first delivery, a step whose attempt still holds the tenant's lock runs without reading
+the database first (the tenant travels in the message); any other step reads it.
 
 The runner is called in-process, as the step task calls it, with the ``first_delivery`` the task
 reads from Celery's request; the chain is not sent (a recording dispatcher).
@@ -13,17 +15,18 @@ import pytest
 from sqlmodel import Session, col, select
 
 from config.settings import get_settings
-from sagas.errors import StepFailedForGood
+from sagas.errors import AttemptFenced, StepFailedForGood
 from sagas.messages import CommandType
 from sagas.steps import STEPS
 from service.bootstrap import Container, build_container
 from service.db.engine import unit_of_work
 from service.db.models import Attempt, OutboxEvent, ProcessedCommand, StepRun, Tenant
-from service.dispatch import AttemptRef, DecommissionRef
+from service.dispatch import AttemptRef, DecommissionRef, StepTenant
 from service.events import read_event
 from service.faults import FaultMode
 from service.handlers import Request
 from service.step_context import RetryLater, StepDone
+from service.step_runs import Pickup, PickupRead
 from tests.support.events import new_slug
 
 pytestmark = pytest.mark.integration
@@ -32,9 +35,11 @@ pytestmark = pytest.mark.integration
 class RecordingDispatcher:
     def __init__(self) -> None:
         self.attempts: list[tuple[AttemptRef, list[str]]] = []
+        self.tenants: dict[str, StepTenant] = {}  # by attempt id: what each step's message carries
 
-    def start_attempt(self, ref: AttemptRef, steps: list[str]) -> None:
+    def start_attempt(self, ref: AttemptRef, steps: list[str], tenant: StepTenant) -> None:
         self.attempts.append((ref, steps))
+        self.tenants[ref.attempt_id] = tenant
 
     def start_decommission(self, ref: DecommissionRef, compensations: list[str]) -> None:
         raise AssertionError("not in these tests")
@@ -81,15 +86,40 @@ def events(local: Container, ref: AttemptRef) -> list[tuple[str, str | None]]:
     return out
 
 
+class PickupReads:
+    """Counts the database reads a step makes before its provider (``PickupRead``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        read = PickupRead.__call__
+
+        def counted(this: PickupRead, ref: AttemptRef, step: str) -> Pickup | None:
+            self.count += 1
+            return read(this, ref, step)
+
+        monkeypatch.setattr(PickupRead, "__call__", counted)
+
+
+@pytest.fixture
+def pickup_reads(monkeypatch: pytest.MonkeyPatch) -> PickupReads:
+    return PickupReads(monkeypatch)
+
+
+@pytest.mark.parametrize("carried", [True, False], ids=["tenant-in-message", "older-message"])
 def test_the_attempt_announces_its_first_step_and_each_step_the_next(
-    local: Container, dispatcher: RecordingDispatcher
+    local: Container, dispatcher: RecordingDispatcher, pickup_reads: PickupReads, carried: bool
 ) -> None:
     ref = started(local, dispatcher)
+    tenant = dispatcher.tenants[ref.attempt_id] if carried else None
     assert runs(local, ref) == {"validate": ("running", 1)}
     assert events(local, ref) == [("started", None), ("step_started", "validate")]
 
     for step in STEPS:
-        assert isinstance(local.runner.run_step(ref, step, first_delivery=True), StepDone)
+        done = local.runner.run_step(ref, step, first_delivery=True, tenant=tenant)
+        assert isinstance(done, StepDone)
+
+    # With its tenant in the message and its attempt's lock in place, no step read first.
+    assert pickup_reads.count == (0 if carried else len(STEPS))
 
     assert runs(local, ref) == {step: ("completed", 1) for step in STEPS}
     expected: list[tuple[str, str | None]] = [("started", None)]
@@ -258,3 +288,112 @@ def test_a_retry_announces_the_step_it_resumes_from_after_the_skipped_ones(
         ("step_skipped", "validate"),
     ]
     assert events(local, ref)[-1] == ("step_started", "reserve_slot")
+
+
+def test_the_message_tells_the_provider_what_the_database_would(
+    local: Container, dispatcher: RecordingDispatcher
+) -> None:
+    slug = new_slug("told")
+    request = Request(CommandType.PROVISION, slug)
+    outcome = local.handlers.create(request, plan="enterprise", admin_email="ops@example.com")
+    assert outcome.accepted
+    ref, _steps = dispatcher.attempts[-1]
+    assert dispatcher.tenants[ref.attempt_id] == StepTenant(
+        outcome.tenant_id or "", "enterprise", "ops@example.com"
+    )
+    tenant = dispatcher.tenants[ref.attempt_id]
+    for step in ("validate", "reserve_slot", "provision_storage"):
+        local.runner.run_step(ref, step, first_delivery=True, tenant=tenant)
+    with Session(local.engine) as session:
+        outputs = {
+            r.step: r.output
+            for r in session.exec(select(StepRun).where(StepRun.attempt_id == ref.attempt_id))
+        }
+    assert outputs["validate"] == {"slug": slug, "plan": "enterprise"}
+    assert outputs["provision_storage"]["storage_id"] == outcome.tenant_id
+
+
+def test_a_reset_stops_a_step_before_its_provider_though_its_message_carries_the_tenant(
+    local: Container, dispatcher: RecordingDispatcher, pickup_reads: PickupReads
+) -> None:
+    ref = started(local, dispatcher)
+    tenant = dispatcher.tenants[ref.attempt_id]
+    local.runner.run_step(ref, "validate", first_delivery=True, tenant=tenant)
+    assert local.handlers.reset(Request(CommandType.RESET, ref.slug)).accepted
+    # A plan the step would spend at its provider: left whole, it shows the step stopped before.
+    plan = local.faults.add("reserve_slot", mode=FaultMode.ERROR, tenant=ref.slug, times=1)
+    try:
+        with pytest.raises(AttemptFenced):
+            local.runner.run_step(ref, "reserve_slot", first_delivery=True, tenant=tenant)
+        assert local.faults.exists(plan.id)
+        assert pickup_reads.count == 1  # the lock was gone: the step read the fence
+        assert not local.locks.is_held(ref.slug)  # and did not take the lock back
+        assert runs(local, ref)["reserve_slot"][0] != "completed"
+    finally:
+        local.faults.clear(plan.id)
+
+
+def test_a_lock_lost_with_redis_sends_the_step_the_long_way_and_it_takes_the_lock_back(
+    local: Container, dispatcher: RecordingDispatcher, pickup_reads: PickupReads
+) -> None:
+    ref = started(local, dispatcher)
+    tenant = dispatcher.tenants[ref.attempt_id]
+    local.locks.force_release(ref.slug)  # what a Redis restart does to it; the DB is unchanged
+
+    done = local.runner.run_step(ref, "validate", first_delivery=True, tenant=tenant)
+
+    assert isinstance(done, StepDone)
+    assert pickup_reads.count == 1
+    assert local.locks.info(ref.slug).run_id == ref.attempt_id
+    local.runner.run_step(ref, "reserve_slot", first_delivery=True, tenant=tenant)
+    assert pickup_reads.count == 1  # the next step finds its lock again
+    assert runs(local, ref)["reserve_slot"] == ("completed", 1)
+
+
+def test_a_duplicate_of_a_step_that_failed_for_good_leaves_the_failure_standing(
+    local: Container, dispatcher: RecordingDispatcher
+) -> None:
+    """A step's message delivered twice, the second copy after the first failed the step for
+    good but before the errback ended the attempt (the lock is still the attempt's)."""
+    ref = started(local, dispatcher)
+    tenant = dispatcher.tenants[ref.attempt_id]
+    local.runner.run_step(ref, "validate", first_delivery=True, tenant=tenant)
+    local.faults.add("reserve_slot", mode=FaultMode.FATAL, tenant=ref.slug, times=1)
+    with pytest.raises(StepFailedForGood):
+        local.runner.run_step(ref, "reserve_slot", first_delivery=True, tenant=tenant)
+    before = events(local, ref)
+
+    # The copy's provider succeeds this time; the step stays failed all the same.
+    with pytest.raises(StepFailedForGood) as again:
+        local.runner.run_step(ref, "reserve_slot", first_delivery=True, tenant=tenant)
+
+    assert again.value.tries == 1
+    assert runs(local, ref)["reserve_slot"] == ("failed", 1)
+    assert "provision_storage" not in runs(local, ref)
+    assert events(local, ref) == before
+
+
+def test_a_duplicate_counts_the_tries_the_row_has_not_its_own(
+    local: Container, dispatcher: RecordingDispatcher
+) -> None:
+    """A copy of the step's first message, run after the automatic retries have spent every
+    try: its failure is the step's last, not a first one to retry."""
+    ref = started(local, dispatcher)
+    tenant = dispatcher.tenants[ref.attempt_id]
+    local.runner.run_step(ref, "validate", first_delivery=True, tenant=tenant)
+    tries = local.settings.step_tries
+    local.faults.add("reserve_slot", mode=FaultMode.ERROR, tenant=ref.slug, times=tries + 1)
+    outcome = local.runner.run_step(ref, "reserve_slot", first_delivery=True, tenant=tenant)
+    assert isinstance(outcome, RetryLater)
+    for _ in range(tries - 2):
+        assert isinstance(local.runner.run_step(ref, "reserve_slot"), RetryLater)
+    with pytest.raises(StepFailedForGood):
+        local.runner.run_step(ref, "reserve_slot")
+    before = events(local, ref)
+
+    with pytest.raises(StepFailedForGood) as duplicate:
+        local.runner.run_step(ref, "reserve_slot", first_delivery=True, tenant=tenant)
+
+    assert duplicate.value.tries == tries
+    assert runs(local, ref)["reserve_slot"] == ("failed", tries)
+    assert events(local, ref) == before  # no `step_retrying` for a step out of tries

@@ -32,6 +32,19 @@ class StepTenant:
     def as_kwargs(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_message(cls, value: object) -> StepTenant | None:
+        """The message's ``tenant``, or None when it has none or not in this shape (a message of
+        other code): the step then reads the tenant from the database, as before."""
+        if not isinstance(value, dict):
+            return None
+        tenant_id, plan, admin_email = (value.get(k) for k in ("tenant_id", "plan", "admin_email"))
+        if not isinstance(tenant_id, str) or not isinstance(plan, str):
+            return None
+        if admin_email is not None and not isinstance(admin_email, str):
+            return None
+        return cls(tenant_id, plan, admin_email)
+
 
 @dataclass(frozen=True, slots=True)
 class DecommissionRef:

@@ -53,15 +53,16 @@ def _make_step_task(step: str) -> Task:
         slug: str,
         attempt_number: int,
         attempt_id: str,
-        tenant: dict[str, Any] | None = None,
+        tenant: object = None,
     ) -> dict[str, Any]:
         _bind_log_context(slug=slug, attempt_number=attempt_number, step=step)
         ref = AttemptRef(slug=slug, attempt_number=attempt_number, attempt_id=attempt_id)
-        # A chain sent before steps carried their tenant has none: its steps read it.
-        facts = StepTenant(**tenant) if tenant is not None else None
         try:
             outcome = container().runner.run_step(
-                ref, step, first_delivery=_first_delivery(self), tenant=facts
+                ref,
+                step,
+                first_delivery=_first_delivery(self),
+                tenant=StepTenant.from_message(tenant),
             )
         except AttemptFenced as fenced:
             # A reset (or a newer run) superseded this attempt: write nothing, stop the chain.

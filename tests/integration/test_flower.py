@@ -95,9 +95,11 @@ def flower(workdir: Path) -> Iterator[Flower]:
     process.stop()
 
 
-def create(services: Container, slug: str) -> None:
+def create(services: Container, slug: str) -> str:
     outcome = services.handlers.create(Request(CommandType.PROVISION, slug), plan="pro")
     assert outcome.accepted, outcome
+    assert outcome.tenant_id is not None
+    return outcome.tenant_id
 
 
 def tasks_of(flower: Flower, slug: str) -> list[dict[str, Any]]:
@@ -119,7 +121,7 @@ def test_flower_shows_each_step_with_slug_and_attempt(
     wait_until(lambda: tasks_of(flower, warm_up), 60, "Flower to see a first task")
 
     slug = new_slug("flower")
-    create(services, slug)
+    tenant_id = create(services, slug)
     tap.wait_for(settled, slug, 60)
 
     def every_step_succeeded() -> list[dict[str, Any]]:
@@ -134,4 +136,7 @@ def test_flower_shows_each_step_with_slug_and_attempt(
         assert task["state"] == "SUCCESS"
         assert f"'slug': '{slug}'" in task["kwargs"], task
         assert "'attempt_number': 1" in task["kwargs"], task
+        # The tenant its provider is told travels with the step (service/dispatch.py).
+        assert f"'tenant_id': '{tenant_id}'" in task["kwargs"], task
+        assert "'plan': 'pro'" in task["kwargs"], task
         assert task.get("worker"), task  # received by a named worker node

@@ -29,6 +29,7 @@ class TenantFacts:
     attempts: int  # attempts made so far, the first included
     last_failure_retryable: bool | None  # None when the tenant has not failed
     lock_held: bool
+    last_failed_step: str | None = None  # the step the last attempt failed at, if it failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,17 +80,26 @@ def check_retry(tenant: TenantFacts | None, slug: str, *, max_retries: int, forc
             Reason.NOT_FAILED, f"tenant {slug!r} is {tenant.state.value}, not failed; {hint}"
         )
     if tenant.last_failure_retryable is False:
-        raise CommandRejected(
-            Reason.NOT_RETRYABLE,
-            f"tenant {slug!r} failed validation (bad slug or unknown plan), which no retry can "
-            f"fix; decommission it (provisioner decommission {slug}) and recreate it",
-        )
+        raise CommandRejected(Reason.NOT_RETRYABLE, _not_retryable_message(tenant, slug))
     if not force and retries_left(tenant.attempts, max_retries) == 0:
         raise CommandRejected(
             Reason.RETRY_CAP_REACHED,
             f"tenant {slug!r} has used {max_retries} of {max_retries} retries; escalate, or "
             f"retry with force (provisioner retry {slug} --force)",
         )
+
+
+def _not_retryable_message(tenant: TenantFacts, slug: str) -> str:
+    instead = f"decommission it (provisioner decommission {slug}) and recreate it"
+    if tenant.last_failed_step in (None, "validate"):
+        return (
+            f"tenant {slug!r} failed validation (bad slug or unknown plan), which no retry can "
+            f"fix; {instead}"
+        )
+    return (
+        f"tenant {slug!r} failed at {tenant.last_failed_step} with an error that no retry can fix "
+        f"(the upstream refused the request); {instead} once the cause is fixed"
+    )
 
 
 def check_decommission(tenant: TenantFacts | None, slug: str) -> None:

@@ -125,16 +125,17 @@ def tenant_facts(session: Session, tenant: Tenant | None, *, lock_held: bool) ->
     # The last attempt and how many there are, in one query (a command's path, before it
     # takes the write lock): the count is a window over the tenant's attempts.
     found = session.exec(
-        select(col(Attempt.retryable), func.count().over())
+        select(col(Attempt.retryable), col(Attempt.failed_step), func.count().over())
         .where(Attempt.tenant_id == tenant.id)
         .order_by(col(Attempt.number).desc())
         .limit(1)
     ).first()
-    retryable, attempts = found if found is not None else (None, 0)
+    retryable, failed_step, attempts = found if found is not None else (None, None, 0)
     return TenantFacts(
         slug=tenant.slug,
         state=TenantState(tenant.state),
         attempts=int(attempts),
         last_failure_retryable=retryable,
         lock_held=lock_held,
+        last_failed_step=failed_step,
     )

@@ -22,6 +22,7 @@ def facts_of(detail: dict[str, Any]) -> TenantFacts:
         attempts=len(attempts),
         last_failure_retryable=attempts[-1]["retryable"] if attempts else None,
         lock_held=bool(detail["lock"]["held"]),
+        last_failed_step=attempts[-1]["failed_step"] if attempts else None,
     )
 
 
@@ -46,7 +47,9 @@ def _retry_why(facts: TenantFacts, reason: str, max_retries: int) -> str:
             return "tenant is active: nothing to retry"
         return f"tenant is {state.value}: only a failed tenant can be retried"
     if reason == Reason.NOT_RETRYABLE:
-        return "validation failed, which no retry can fix: decommission and recreate"
+        if facts.last_failed_step in (None, "validate"):
+            return "validation failed, which no retry can fix: decommission and recreate"
+        return f"{facts.last_failed_step} failed for good: decommission and recreate"
     if reason == Reason.RETRY_CAP_REACHED:
         return f"{max_retries} of {max_retries} retries used: escalate, or retry with force"
     if reason == Reason.ALREADY_DECOMMISSIONED:

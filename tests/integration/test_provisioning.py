@@ -167,6 +167,11 @@ def test_fatal_fault_is_not_retryable(
     assert data["details"]["error_type"] == "FatalUpstreamError"
     assert data["details"]["tries"] == 1
     assert data_of(events, "tenant.provisioning.step_retrying") == []
+    # A retry is refused, and the refusal says what failed (not a validation failure).
+    refused = services.handlers.retry(Request(CommandType.RETRY, slug), force=True)
+    assert (refused.accepted, refused.reason) == (False, "not_retryable")
+    assert "failed at provision_storage" in refused.message
+    assert "validation" not in refused.message
 
 
 @pytest.mark.parametrize(

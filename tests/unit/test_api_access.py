@@ -43,9 +43,13 @@ def test_tokens_must_match_exactly() -> None:
 
 
 def tenant(state: str, attempts: int = 1, **extra: Any) -> dict[str, Any]:
-    runs = [{"retryable": True, "attempt_number": n + 1} for n in range(attempts)]
+    runs = [
+        {"retryable": True, "attempt_number": n + 1, "failed_step": None} for n in range(attempts)
+    ]
     if "retryable" in extra:
         runs[-1]["retryable"] = extra.pop("retryable")
+    if "failed_step" in extra:
+        runs[-1]["failed_step"] = extra.pop("failed_step")
     return {
         "slug": "acme",
         "state": state,
@@ -86,10 +90,15 @@ def test_what_each_state_allows() -> None:
     gone = actions(tenant("decommissioned"))
     assert not any(enabled for enabled, _ in gone.values())
     assert gone["retry"][1] == "tenant is decommissioned"
-    invalid = actions(tenant("failed", retryable=False))
+    invalid = actions(tenant("failed", retryable=False, failed_step="validate"))
     assert invalid["retry"] == (
         False,
         "validation failed, which no retry can fix: decommission and recreate",
+    )
+    refused = actions(tenant("failed", retryable=False, failed_step="issue_certificate"))
+    assert refused["retry"] == (
+        False,
+        "issue_certificate failed for good: decommission and recreate",
     )
     stale = actions(tenant("failed", lock_held=True))
     assert stale["retry"][0] is False

@@ -122,3 +122,17 @@ def test_compensations_run_in_reverse_and_skip_checks() -> None:
         "provision_storage",
         "reserve_slot",
     ]
+
+
+def test_the_refusal_names_what_failed_for_good() -> None:
+    validation = TenantFacts("acme", TenantState.FAILED, 1, False, False, "validate")
+    upstream = TenantFacts("acme", TenantState.FAILED, 1, False, False, "issue_certificate")
+    with pytest.raises(CommandRejected) as refused:
+        check_retry(validation, "acme", max_retries=2, force=False)
+    assert "failed validation (bad slug or unknown plan)" in refused.value.message
+    with pytest.raises(CommandRejected) as refused:
+        check_retry(upstream, "acme", max_retries=2, force=True)
+    assert refused.value.reason == "not_retryable"
+    assert "failed at issue_certificate" in refused.value.message
+    assert "validation" not in refused.value.message
+    assert "provisioner decommission acme" in refused.value.message

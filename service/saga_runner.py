@@ -225,7 +225,7 @@ class SagaRunner:
 
     def _step_failed(
         self, ref: AttemptRef, step: str, exc: StepError, error_type: str | None = None
-    ) -> RetryLater:
+    ) -> StepDone | RetryLater:
         error_type = error_type or exc.error_type
         message = str(exc)[:2000]
         events = PendingEvents()
@@ -233,6 +233,14 @@ class SagaRunner:
             tenant, attempt = lock_unfenced(session, ref)
             run = repo.step_run(session, attempt.id, step)
             assert run is not None
+            # A duplicate of the step's message failed after the other copy had ended the step:
+            # what that copy decided stands, and this one writes nothing.
+            if run.status == StepStatus.COMPLETED:
+                return StepDone(dict(run.output))
+            if run.status == StepStatus.FAILED:
+                raise StepFailedForGood(
+                    step, run.error_type or "Error", run.error_message or "", run.tries
+                )
             # The row's count, not one the task carried: a duplicate of the step's message may
             # run it while the row already counts an automatic retry.
             tries = run.tries

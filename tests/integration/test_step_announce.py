@@ -397,3 +397,33 @@ def test_a_duplicate_counts_the_tries_the_row_has_not_its_own(
     assert duplicate.value.tries == tries
     assert runs(local, ref)["reserve_slot"] == ("failed", tries)
     assert events(local, ref) == before  # no `step_retrying` for a step out of tries
+
+
+@pytest.mark.parametrize("first_ends", ["completed", "failed"])
+def test_a_duplicate_whose_provider_fails_after_the_step_ended_writes_nothing(
+    local: Container, dispatcher: RecordingDispatcher, first_ends: str
+) -> None:
+    """Two copies of a step's message: the first ends the step (completes it, or fails it for
+    good); the second, run after, meets a transient error. The first copy's outcome stands."""
+    ref = started(local, dispatcher)
+    tenant = dispatcher.tenants[ref.attempt_id]
+    local.runner.run_step(ref, "validate", first_delivery=True, tenant=tenant)
+    if first_ends == "failed":
+        local.faults.add("reserve_slot", mode=FaultMode.FATAL, tenant=ref.slug, times=1)
+    try:
+        first = local.runner.run_step(ref, "reserve_slot", first_delivery=True, tenant=tenant)
+    except StepFailedForGood:
+        first = None
+    before_runs, before_events = runs(local, ref), events(local, ref)
+    local.faults.add("reserve_slot", mode=FaultMode.ERROR, tenant=ref.slug, times=1)
+
+    if first_ends == "completed":
+        again = local.runner.run_step(ref, "reserve_slot", first_delivery=True, tenant=tenant)
+        assert again == first
+    else:
+        with pytest.raises(StepFailedForGood) as again_failed:
+            local.runner.run_step(ref, "reserve_slot", first_delivery=True, tenant=tenant)
+        assert again_failed.value.error_type == "FatalUpstreamError"
+
+    assert runs(local, ref) == before_runs
+    assert events(local, ref) == before_events  # no `step_retrying`

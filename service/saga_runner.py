@@ -169,17 +169,9 @@ class SagaRunner:
                 found.run_error_message or "",
                 found.run_tries,
             )
-        ctx = StepContext(
-            tenant_id=found.tenant_id,
-            slug=found.slug,
-            plan=found.plan,
-            admin_email=found.admin_email,
-            attempt_number=found.attempt_number,
-            data_dir=self._settings.data_dir,
-            console_url=self._settings.console_url_for(found.slug),
-            outputs=LazyOutputs(self._engine, found.tenant_id),
-        )
-        return ctx, token_of(found.lock_token)
+        # The row's attempt is the message's (read by its id): the same slug and number.
+        told = StepTenant(found.tenant_id, found.plan, found.admin_email)
+        return self._context_from(ref, told), token_of(found.lock_token)
 
     def _start_in_transaction(self, ref: AttemptRef, step: str) -> _Begun | StepDone:
         """A redelivery or an automatic retry: count the try in the database (it survives the
@@ -296,6 +288,7 @@ class SagaRunner:
 
     # --- helpers ---
     def _context_from(self, ref: AttemptRef, tenant: StepTenant) -> StepContext:
+        """What the provider is told, from the attempt's message (or its pick-up read)."""
         return StepContext(
             tenant_id=tenant.tenant_id,
             slug=ref.slug,

@@ -89,9 +89,14 @@ def check_retry(tenant: TenantFacts | None, slug: str, *, max_retries: int, forc
         )
 
 
+def failed_validation(tenant: TenantFacts) -> bool:
+    """The tenant's last failure, one no retry can fix, was its validation (or says no step)."""
+    return tenant.last_failed_step in (None, "validate")
+
+
 def _not_retryable_message(tenant: TenantFacts, slug: str) -> str:
     instead = f"decommission it (provisioner decommission {slug}) and recreate it"
-    if tenant.last_failed_step in (None, "validate"):
+    if failed_validation(tenant):
         return (
             f"tenant {slug!r} failed validation (bad slug or unknown plan), which no retry can "
             f"fix; {instead}"

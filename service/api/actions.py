@@ -47,7 +47,7 @@ def _retry_why(facts: TenantFacts, reason: str, max_retries: int) -> str:
             return "tenant is active: nothing to retry"
         return f"tenant is {state.value}: only a failed tenant can be retried"
     if reason == Reason.NOT_RETRYABLE:
-        if facts.last_failed_step in (None, "validate"):
+        if rules.failed_validation(facts):
             return "validation failed, which no retry can fix: decommission and recreate"
         return f"{facts.last_failed_step} failed for good: decommission and recreate"
     if reason == Reason.RETRY_CAP_REACHED:

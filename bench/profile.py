@@ -89,13 +89,18 @@ def summarise(collapsed: Path, top: Path) -> None:
     stack and its count per line)."""
     totals: Counter[str] = Counter()
     samples = 0
+    unreadable = 0
     for line in collapsed.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            # py-spy can split a frame whose name holds a line break over two lines.
+            unreadable += 1
+            continue
         if not stack or IDLE_BESIDE_STEP.search(stack):
             continue
         samples += int(count_text)
         totals[category(stack)] += int(count_text)
-    lines = [f"{samples} samples (idle excluded)"]
+    lines = [f"{samples} samples (idle excluded; {unreadable} unreadable lines skipped)"]
     lines += [f"{100 * n / max(samples, 1):5.1f}%  {name}" for name, n in totals.most_common()]
     top.write_text("\n".join(lines) + "\n")
 

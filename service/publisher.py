@@ -9,7 +9,7 @@ when that fails, through kombu's ``Producer.publish``, retrying.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import structlog
@@ -22,8 +22,10 @@ from config.keys import (
     COMMANDS_QUEUE,
     EVENTS_EXCHANGE,
 )
+from service import held_publishes
+from service.held_publishes import HELD, Held
 from service.reliable_redis import transport_for
-from service.routed_publish import NotRoutedHere, Outgoing, RoutedPublish
+from service.routed_publish import Batch, NotRoutedHere, Outgoing, RoutedPublish
 
 EVENTS = Exchange(EVENTS_EXCHANGE, type="topic", durable=True)
 COMMANDS = Exchange(COMMANDS_EXCHANGE, type="topic", durable=True)
@@ -59,9 +61,27 @@ class Publisher:
             self._local.routed = _routed_publish(producer.channel)
         return producer
 
-    def publish_events(self, events: Iterable[tuple[str, str]]) -> None:
-        """Publish ``(routing_key, body)`` pairs to ``tenant.events``, in order."""
-        self._publish(EVENTS, events)
+    def publish_events(
+        self,
+        events: Iterable[tuple[str, str]],
+        *,
+        on_sent: Callable[[], None] | None = None,
+        with_next_message: bool = False,
+    ) -> None:
+        """Publish ``(routing_key, body)`` pairs to ``tenant.events``, in order; then call
+        ``on_sent``. ``with_next_message``: while this thread holds (service/held_publishes.py),
+        they may go out with the thread's next task message instead, ``on_sent`` once they did."""
+        pending = list(events)
+        if with_next_message and HELD.holding():
+            batch = self._batch(EVENTS, pending)
+            if batch is not None:
+                HELD.hold(Held(batch, on_sent))
+                return
+        # Whatever is held goes first: the events' order is the order they were asked for in.
+        held_publishes.send(HELD.take())
+        self._publish(EVENTS, pending)
+        if on_sent is not None:
+            on_sent()
 
     def publish_command(
         self, command_type: str, body: str, content_type: str | None = None
@@ -95,6 +115,23 @@ class Publisher:
             log.info("publish.batch_failed", error=str(exc)[:200], messages=len(pending))
             self.close()
         self._send(exchange, pending, content_type)
+
+    def _batch(self, exchange: Exchange, messages: list[tuple[str, str]]) -> Batch | None:
+        """``messages`` built for one script (None: this connection has no such publishing)."""
+        try:
+            routed = self._routed()
+            if routed is None:
+                return None
+            name = exchange.name
+            outgoing = [
+                Outgoing(key, body.encode("utf-8"), CLOUDEVENTS_CONTENT_TYPE)
+                for key, body in messages
+            ]
+            return routed.prepare(name, [routed.build(name, one) for one in outgoing])
+        except Exception as exc:
+            # Not held, then: published now, with kombu's retries where it comes to that.
+            log.info("publish.not_held", reason=str(exc)[:200])
+            return None
 
     def _routed(self) -> RoutedPublish | None:
         channel = self._producer().channel

@@ -36,21 +36,26 @@ class OutboxRelay:
         self._writer = engine.execution_options(**{WRITE_OPTION: True})
         self._marks = BatchedMarks(self._mark)
 
-    def publish_now(self, rows: Sequence[Publishable]) -> None:
+    def publish_now(self, rows: Sequence[Publishable], *, with_next_message: bool = False) -> None:
         """Right after the commit that wrote ``rows``: publish them, in order; they are marked
         a moment later, with other rows, off the caller's path (service/marks.py).
+        ``with_next_message``: a step's end, whose events may go out with the task's next
+        message, in its round trip (service/held_publishes.py).
 
         A failure is logged, not raised: the rows stay unpublished and the relay loop sends
         them once the broker is back.
         """
         if not rows:
             return
+        ids = [row.id for row in rows if row.id is not None]
         try:
-            self._publisher.publish_events((row.type, row.body) for row in rows)
+            self._publisher.publish_events(
+                ((row.type, row.body) for row in rows),
+                on_sent=lambda: self._marks.add(ids),
+                with_next_message=with_next_message,
+            )
         except Exception as exc:
             log.warning("outbox.publish_deferred", error=str(exc), events=len(rows))
-            return
-        self._marks.add(row.id for row in rows if row.id is not None)
 
     def flush_marks(self) -> None:
         """Mark, now, every row this process published and has not marked yet (at exit)."""

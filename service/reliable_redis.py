@@ -42,6 +42,8 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from config.keys import PROCESSING_STALE_S, processing_key
+from service import held_publishes
+from service.held_publishes import HELD, Held
 from service.routed_publish import NotRoutedHere, RoutedPublish
 
 log = structlog.get_logger(__name__)
@@ -215,15 +217,32 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
     def basic_publish(self, message: Any, exchange: str, routing_key: str, **kwargs: Any) -> Any:
         # kombu reads the exchange's bindings for every message, then pushes it: two round trips
         # (Celery's task messages included); one here. kombu's own publish batch routes as kombu.
-        routed = self.routed_publish() if exchange else None
-        if routed is None or "_publish_batch" in kwargs:
-            return super().basic_publish(message, exchange, routing_key, **kwargs)
-        self._inplace_augment_message(message, exchange, routing_key)
+        # Events this thread holds (service/held_publishes.py) go first, in the same script.
+        held = HELD.take()
+        # To the nameless exchange (Celery's task messages), kombu pushes with one LPUSH: a
+        # script is only worth it to carry what is held.
+        routed = self.routed_publish() if exchange or held else None
         try:
-            routed.push(exchange, [(routing_key, message)])
-        except NotRoutedHere:
-            # What kombu's basic_publish does once the message is augmented.
-            return self.typeof(exchange).deliver(message, exchange, routing_key, **kwargs)
+            if routed is None or "_publish_batch" in kwargs:
+                held = _send_apart(held)
+                return super().basic_publish(message, exchange, routing_key, **kwargs)
+            self._inplace_augment_message(message, exchange, routing_key)
+            try:
+                batch = routed.prepare(exchange, [(routing_key, message)])
+                routed.push_together([item.batch for item in held] + [batch])
+            except NotRoutedHere:
+                held = _send_apart(held)
+                # What kombu's basic_publish does once the message is augmented.
+                if not exchange:
+                    return self._put(routing_key, message, **kwargs)
+                return self.typeof(exchange).deliver(message, exchange, routing_key, **kwargs)
+        except BaseException:
+            # Nothing of this script was pushed (a script is all or none): kombu's retry of this
+            # publish, or the end of the task, sends them.
+            HELD.put_back(held)
+            raise
+        for item in held:
+            item.sent()
         return None
 
     @contextmanager
@@ -444,6 +463,13 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             for _ in range(PASS_LIMIT):
                 if client.lmove(source, queue, "RIGHT", "RIGHT") is None:
                     break
+
+
+def _send_apart(held: list[Held]) -> list[Held]:
+    """Send ``held`` in scripts of their own, before a message that cannot carry them; what is
+    left to send (nothing)."""
+    held_publishes.send(held)
+    return []
 
 
 def _is_kombu_message(payload: Any) -> bool:

@@ -212,7 +212,7 @@ class SagaRunner:
             started = done.attempt_started_at.replace(tzinfo=done.attempt_started_at.tzinfo or UTC)
             metrics.attempt_ended("completed")
             tracing.attempt_ended(ref, "completed", started, done.now)
-        self._relay.publish_now(done.rows)
+        self._relay.publish_now(done.rows, with_next_message=True)
         return StepDone(done.output)
 
     def _step_failed(
@@ -259,7 +259,8 @@ class SagaRunner:
                 run.retryable = exc.retryable
                 run.ended_at = datetime.now(UTC)
             session.add(run)
-        self._relay.publish_now(events.rows)
+        # Held, where the task holds: `step_retrying` goes out with the retry's message.
+        self._relay.publish_now(events.rows, with_next_message=True)
         if not will_retry:
             raise StepFailedForGood(step, error_type, message, tries)
         metrics.step_retrying(step, error_type)

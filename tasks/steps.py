@@ -11,12 +11,15 @@ from typing import Any
 import structlog
 from celery import Task
 from celery.exceptions import Ignore
-from celery.signals import worker_process_shutdown
+from celery.signals import task_postrun, task_prerun, worker_process_shutdown
 
 from sagas.errors import AttemptFenced
 from sagas.steps import COMPENSATED, STEPS
+from service import held_publishes
 from service.bootstrap import built_container, container
 from service.dispatch import AttemptRef, DecommissionRef, StepTenant
+from service.held_publishes import HELD
+from service.reliable_redis import TRANSPORT
 from service.step_context import RetryLater
 from tasks.app import app
 
@@ -140,6 +143,29 @@ def fail_decommission(
     step = getattr(exc, "step", None) or _step_of(request, COMPENSATE_TASK_PREFIX)
     ref = DecommissionRef(slug=slug, decommission_id=decommission_id)
     return container().decommissions.fail(ref, step, exc)
+
+
+# On the service's Redis transport, a step's events go out with its next step's message, in one
+# round trip (service/held_publishes.py); what no message carried is sent when the task ends.
+_HOLDS = app.conf.broker_transport == TRANSPORT
+
+
+@task_prerun.connect
+def _hold_publishes(task: Task | None = None, **_: Any) -> None:
+    if _HOLDS and task is not None and task.app is app:
+        HELD.start()
+
+
+@task_postrun.connect
+def _send_what_is_held(**_: Any) -> None:
+    held = HELD.stop()
+    if not held:
+        return
+    try:
+        held_publishes.send(held)
+    except Exception as exc:
+        # Their rows stay unmarked in the outbox: the relay publishes them.
+        log.warning("outbox.publish_deferred", error=str(exc), batches=len(held))
 
 
 @worker_process_shutdown.connect

@@ -69,9 +69,13 @@ class TaskQueue:
     def publish(self, payload: dict[str, int], **options: object) -> None:
         self.producer.publish(payload, routing_key=self.queue.name, serializer="json", **options)
 
+    def current(self) -> Queue:
+        """The queue on the producer's channel (kombu's retry may have revived it on a new one)."""
+        return self.queue.bind(self.producer.channel)
+
     def received(self) -> list[object]:
         payloads = []
-        while (message := self.queue.get(no_ack=True)) is not None:
+        while (message := self.current().get(no_ack=True)) is not None:
             payloads.append(message.payload)
         return payloads
 
@@ -83,7 +87,7 @@ def task_queue(redis_url: str, request: pytest.FixtureRequest) -> Iterator[TaskQ
         try:
             yield tasks
         finally:
-            tasks.queue.delete()
+            tasks.current().delete()
 
 
 @pytest.fixture
@@ -93,7 +97,7 @@ def named_task_queue(redis_url: str) -> Iterator[TaskQueue]:
         try:
             yield tasks
         finally:
-            tasks.queue.delete()
+            tasks.current().delete()
 
 
 def test_held_events_go_out_with_the_next_task_message_in_one_script(
@@ -198,6 +202,36 @@ def test_a_task_message_whose_connection_was_killed_keeps_the_events_for_its_ret
             assert drain(queue, slug) == ids_of(sent)
             assert task_queue.received() == [{"n": 0}, {"n": 1}]
             assert marked == ["sent"]
+        finally:
+            queue.delete()
+
+
+def test_a_task_message_whose_script_failed_carries_the_events_on_kombus_retry(
+    redis_url: str, redis_publisher: Publisher, task_queue: TaskQueue, holding: None
+) -> None:
+    """A publish that fails (after redis-py's own retries) puts what it carried back: kombu's
+    retry of the publish, on a revived channel, sends them with the message."""
+    slug = new_slug("failed")
+    sent = events(slug, 2)
+    marked: list[str] = []
+    with Connection(redis_url) as connection:
+        queue = bound_queue(connection, "#")
+        try:
+            task_queue.publish({"n": 0})
+            redis_publisher.publish_events(
+                sent, on_sent=lambda: marked.append("sent"), with_next_message=True
+            )
+
+            def unreachable(source: str, keys: list[object], args: list[object]) -> object:
+                raise redis.ConnectionError("the script's connection broke")
+
+            task_queue.channel.run_script = unreachable
+            task_queue.publish({"n": 1}, retry=True, retry_policy={"max_retries": 3})
+
+            assert drain(queue, slug) == ids_of(sent)
+            assert task_queue.received() == [{"n": 0}, {"n": 1}]
+            assert marked == ["sent"]
+            assert HELD.take() == []
         finally:
             queue.delete()
 

@@ -7,6 +7,7 @@
   var data = JSON.parse(document.getElementById("tenant-data").textContent);
   var slugPath = encodeURIComponent(data.slug);
   var timer = null;
+  var ANSWER_KEY = "provisioner.answer." + data.slug;
 
   function el(tag, attrs, text) {
     var node = document.createElement(tag);
@@ -117,6 +118,12 @@
           result.className = "ok";
           result.textContent = "accepted: " + answer.message;
           data.state = "changing";
+          // The reload renders the new state; the answer stays on the reloaded page (a loaded
+          // machine may reload before anybody has read it).
+          try {
+            window.sessionStorage.setItem(ANSWER_KEY, JSON.stringify(
+              { className: result.className, text: result.textContent }));
+          } catch (ignored) { /* storage refused: the answer shows until the reload only */ }
           window.setTimeout(function () { window.location.reload(); }, 300);
         } else {
           result.className = "error";
@@ -137,5 +144,19 @@
     });
   });
 
+  function showKeptAnswer() {
+    var kept = null;
+    try {
+      kept = window.sessionStorage.getItem(ANSWER_KEY);
+      window.sessionStorage.removeItem(ANSWER_KEY);
+    } catch (ignored) { return; }
+    if (!kept) { return; }
+    var answer = JSON.parse(kept);
+    var result = document.getElementById("action-result");
+    result.className = answer.className;
+    result.textContent = answer.text;
+  }
+
+  showKeptAnswer();
   if (data.polling) { startPolling(); }
 })();

@@ -200,3 +200,19 @@ def test_in_process_measure_runs_every_step_of_each_saga(tmp_path: Path) -> None
     for key in ("creation_cpu_ms", "step_cpu_ms", "step_wall_ms"):
         assert isinstance(measured[key], float), measured
         assert measured[key] > 0, measured
+
+
+def test_rounds_write_every_ratio(tmp_path: Path) -> None:
+    """``python -m bench.rounds``, which compares two trees by many short rounds, runs too."""
+    out = tmp_path / "rounds.json"
+    args = [sys.executable, "-m", "bench.rounds", "--rounds", "2", "--sagas", "2"]
+    text = _run([*args, "--json", str(out)], "rounds")
+    assert "latency_saga_bare" in text, text[-2000:]
+    results = json.loads(out.read_text())
+    assert len(results["rounds"]) == 2
+    for one in results["rounds"]:
+        assert set(one["step_p50_ms"]) == {"bare", "floor", "saga"}
+        assert all(value > 0 for value in one["steps_per_s"].values())
+    for key, value in results["medians"].items():
+        assert math.isfinite(value), key
+        assert value > 0, key

@@ -215,9 +215,9 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         return self._routed
 
     def basic_publish(self, message: Any, exchange: str, routing_key: str, **kwargs: Any) -> Any:
-        # kombu reads the exchange's bindings for every message, then pushes it: two round trips
-        # (Celery's task messages included); one here. kombu's own publish batch routes as kombu.
-        # Events this thread holds (service/held_publishes.py) go first, in the same script.
+        # kombu reads a named exchange's bindings for every message, then pushes it: two round
+        # trips; one here. kombu's own publish batch routes as kombu. Events this thread holds
+        # (service/held_publishes.py) go first, in the same script.
         held = HELD.take()
         # To the nameless exchange (Celery's task messages), kombu pushes with one LPUSH: a
         # script is only worth it to carry what is held.

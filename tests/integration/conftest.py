@@ -10,6 +10,7 @@ import pytest
 
 from config.settings import get_settings
 from service.bootstrap import Container, build_container
+from service.publisher import Publisher
 from tests.support.events import EventTap
 from tests.support.workers import WorkerGroup, start_workers, worker_count
 
@@ -49,3 +50,17 @@ def worker(services: Container, workdir: Path) -> Iterator[WorkerGroup]:
     group = start_workers(workdir, worker_count(), concurrency=3)
     yield group
     group.stop()
+
+
+@pytest.fixture
+def redis_url(services: Container) -> str:
+    """Redis, whatever the session's broker: the one-script publishing is the Redis transport's
+    (on RabbitMQ the broker routes)."""
+    return services.settings.redis_url
+
+
+@pytest.fixture
+def redis_publisher(redis_url: str) -> Iterator[Publisher]:
+    publisher = Publisher(redis_url)
+    yield publisher
+    publisher.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import redis
@@ -24,18 +25,6 @@ from tests.support.events import EventTap, new_slug
 from tests.support.workers import WorkerGroup
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def redis_url(services: Container) -> str:
-    return services.settings.redis_url
-
-
-@pytest.fixture
-def redis_publisher(redis_url: str) -> Iterator[Publisher]:
-    publisher = Publisher(redis_url)
-    yield publisher
-    publisher.close()
 
 
 @pytest.fixture
@@ -80,160 +69,148 @@ class TaskQueue:
         return payloads
 
 
-@pytest.fixture(params=["named exchange", "nameless exchange"])
-def task_queue(redis_url: str, request: pytest.FixtureRequest) -> Iterator[TaskQueue]:
+@contextmanager
+def _task_queue(redis_url: str, *, named: bool) -> Iterator[TaskQueue]:
     with Connection(redis_url, transport=TRANSPORT) as connection:
-        tasks = TaskQueue(connection, named=request.param == "named exchange")
+        tasks = TaskQueue(connection, named=named)
         try:
             yield tasks
         finally:
             tasks.current().delete()
+
+
+@pytest.fixture(params=["named exchange", "nameless exchange"])
+def task_queue(redis_url: str, request: pytest.FixtureRequest) -> Iterator[TaskQueue]:
+    with _task_queue(redis_url, named=request.param == "named exchange") as tasks:
+        yield tasks
 
 
 @pytest.fixture
 def named_task_queue(redis_url: str) -> Iterator[TaskQueue]:
-    with Connection(redis_url, transport=TRANSPORT) as connection:
-        tasks = TaskQueue(connection)
+    with _task_queue(redis_url, named=True) as tasks:
+        yield tasks
+
+
+@pytest.fixture
+def everything(redis_url: str) -> Iterator[Queue]:
+    """A queue bound to every event on tenant.events."""
+    with Connection(redis_url) as connection:
+        queue = bound_queue(connection, "#")
         try:
-            yield tasks
+            yield queue
         finally:
-            tasks.current().delete()
+            queue.delete()
 
 
 def test_held_events_go_out_with_the_next_task_message_in_one_script(
-    redis_url: str, redis_publisher: Publisher, task_queue: TaskQueue, holding: None
+    redis_publisher: Publisher, task_queue: TaskQueue, holding: None, everything: Queue
 ) -> None:
     slug = new_slug("held")
     warm, sent = events(slug, 1), events(slug, 2)
     marked: list[str] = []
-    with Connection(redis_url) as connection:
-        queue = bound_queue(connection, "#")
-        try:
-            # Both channels read their exchange's bindings once (a script of its own each).
-            redis_publisher.publish_events(warm)
-            task_queue.publish({"n": 0})
-            task_queue.scripts.clear()
+    # Both channels read their exchange's bindings once (a script of its own each).
+    redis_publisher.publish_events(warm)
+    task_queue.publish({"n": 0})
+    task_queue.scripts.clear()
 
-            redis_publisher.publish_events(
-                sent, on_sent=lambda: marked.append("sent"), with_next_message=True
-            )
-            assert drain(queue, slug) == ids_of(warm)
-            assert marked == []
+    redis_publisher.publish_events(
+        sent, on_sent=lambda: marked.append("sent"), with_next_message=True
+    )
+    assert drain(everything, slug) == ids_of(warm)
+    assert marked == []
 
-            task_queue.publish({"n": 1})
+    task_queue.publish({"n": 1})
 
-            assert len(task_queue.scripts) == 1
-            _keys, args = task_queue.scripts[0]
-            # The events first, then the task message, in the one script.
-            bodies = [a for a in args if isinstance(a, str) and a.startswith("{")]
-            # (each event once for every queue bound to it: this test's, the session's)
-            assert len(bodies) >= 3
-            for body in bodies[:-1]:
-                assert f'"routing_key": "{EventType.STEP_STARTED.value}"' in body
-            assert f'"routing_key": "{task_queue.queue.name}"' in bodies[-1]
-            assert drain(queue, slug) == ids_of(sent)
-            assert task_queue.received() == [{"n": 0}, {"n": 1}]
-            assert marked == ["sent"]
-            assert HELD.take() == []
-        finally:
-            queue.delete()
+    assert len(task_queue.scripts) == 1
+    _keys, args = task_queue.scripts[0]
+    # The events first, then the task message, in the one script.
+    bodies = [a for a in args if isinstance(a, str) and a.startswith("{")]
+    # (each event once for every queue bound to it: this test's, the session's)
+    assert len(bodies) >= 3
+    for body in bodies[:-1]:
+        assert f'"routing_key": "{EventType.STEP_STARTED.value}"' in body
+    assert f'"routing_key": "{task_queue.queue.name}"' in bodies[-1]
+    assert drain(everything, slug) == ids_of(sent)
+    assert task_queue.received() == [{"n": 0}, {"n": 1}]
+    assert marked == ["sent"]
+    assert HELD.take() == []
 
 
 def test_what_no_message_carried_is_sent_when_the_holding_stops(
-    redis_url: str, redis_publisher: Publisher
+    redis_publisher: Publisher, everything: Queue
 ) -> None:
     slug = new_slug("tail")
     sent = events(slug, 2)
     marked: list[str] = []
-    with Connection(redis_url) as connection:
-        queue = bound_queue(connection, "#")
-        try:
-            HELD.start()
-            redis_publisher.publish_events(
-                sent, on_sent=lambda: marked.append("sent"), with_next_message=True
-            )
-            held = HELD.stop()
-            assert drain(queue, slug) == []
-            send(held)
-            assert drain(queue, slug) == ids_of(sent)
-            assert marked == ["sent"]
-            # Not holding any more: published at once.
-            later = events(slug, 1)
-            redis_publisher.publish_events(later, with_next_message=True)
-            assert drain(queue, slug) == ids_of(later)
-        finally:
-            queue.delete()
+    HELD.start()
+    redis_publisher.publish_events(
+        sent, on_sent=lambda: marked.append("sent"), with_next_message=True
+    )
+    held = HELD.stop()
+    assert drain(everything, slug) == []
+    send(held)
+    assert drain(everything, slug) == ids_of(sent)
+    assert marked == ["sent"]
+    # Not holding any more: published at once.
+    later = events(slug, 1)
+    redis_publisher.publish_events(later, with_next_message=True)
+    assert drain(everything, slug) == ids_of(later)
 
 
 def test_a_publish_that_is_not_held_sends_what_is_held_first(
-    redis_url: str, redis_publisher: Publisher, holding: None
+    redis_publisher: Publisher, holding: None, everything: Queue
 ) -> None:
     slug = new_slug("order")
     first, second = events(slug, 2), events(slug, 1)
-    with Connection(redis_url) as connection:
-        queue = bound_queue(connection, "#")
-        try:
-            redis_publisher.publish_events(first, with_next_message=True)
-            redis_publisher.publish_events(second)
-            assert drain(queue, slug) == ids_of(first) + ids_of(second)
-        finally:
-            queue.delete()
+    redis_publisher.publish_events(first, with_next_message=True)
+    redis_publisher.publish_events(second)
+    assert drain(everything, slug) == ids_of(first) + ids_of(second)
 
 
 def test_a_task_message_whose_connection_was_killed_keeps_the_events_for_its_retry(
-    redis_url: str, redis_publisher: Publisher, task_queue: TaskQueue, holding: None
+    redis_publisher: Publisher, task_queue: TaskQueue, holding: None, everything: Queue
 ) -> None:
     slug = new_slug("retry")
     sent = events(slug, 2)
     marked: list[str] = []
-    with Connection(redis_url) as connection:
-        queue = bound_queue(connection, "#")
-        try:
-            task_queue.publish({"n": 0})  # the channel's client exists and knows the tables
-            redis_publisher.publish_events(
-                sent, on_sent=lambda: marked.append("sent"), with_next_message=True
-            )
-            with task_queue.channel.conn_or_acquire() as client:
-                own_id = client.client_id()
-            connection.default_channel.client.client_kill_filter(_id=own_id)
+    task_queue.publish({"n": 0})  # the channel's client exists and knows the tables
+    redis_publisher.publish_events(
+        sent, on_sent=lambda: marked.append("sent"), with_next_message=True
+    )
+    with task_queue.channel.conn_or_acquire() as client:
+        own_id = client.client_id()
+    everything.channel.client.client_kill_filter(_id=own_id)
 
-            task_queue.publish({"n": 1}, retry=True, retry_policy={"max_retries": 3})
+    task_queue.publish({"n": 1}, retry=True, retry_policy={"max_retries": 3})
 
-            assert drain(queue, slug) == ids_of(sent)
-            assert task_queue.received() == [{"n": 0}, {"n": 1}]
-            assert marked == ["sent"]
-        finally:
-            queue.delete()
+    assert drain(everything, slug) == ids_of(sent)
+    assert task_queue.received() == [{"n": 0}, {"n": 1}]
+    assert marked == ["sent"]
 
 
 def test_a_task_message_whose_script_failed_carries_the_events_on_kombus_retry(
-    redis_url: str, redis_publisher: Publisher, task_queue: TaskQueue, holding: None
+    redis_publisher: Publisher, task_queue: TaskQueue, holding: None, everything: Queue
 ) -> None:
     """A publish that fails (after redis-py's own retries) puts what it carried back: kombu's
     retry of the publish, on a revived channel, sends them with the message."""
     slug = new_slug("failed")
     sent = events(slug, 2)
     marked: list[str] = []
-    with Connection(redis_url) as connection:
-        queue = bound_queue(connection, "#")
-        try:
-            task_queue.publish({"n": 0})
-            redis_publisher.publish_events(
-                sent, on_sent=lambda: marked.append("sent"), with_next_message=True
-            )
+    task_queue.publish({"n": 0})
+    redis_publisher.publish_events(
+        sent, on_sent=lambda: marked.append("sent"), with_next_message=True
+    )
 
-            def unreachable(source: str, keys: list[object], args: list[object]) -> object:
-                raise redis.ConnectionError("the script's connection broke")
+    def unreachable(source: str, keys: list[object], args: list[object]) -> object:
+        raise redis.ConnectionError("the script's connection broke")
 
-            task_queue.channel.run_script = unreachable
-            task_queue.publish({"n": 1}, retry=True, retry_policy={"max_retries": 3})
+    task_queue.channel.run_script = unreachable
+    task_queue.publish({"n": 1}, retry=True, retry_policy={"max_retries": 3})
 
-            assert drain(queue, slug) == ids_of(sent)
-            assert task_queue.received() == [{"n": 0}, {"n": 1}]
-            assert marked == ["sent"]
-            assert HELD.take() == []
-        finally:
-            queue.delete()
+    assert drain(everything, slug) == ids_of(sent)
+    assert task_queue.received() == [{"n": 0}, {"n": 1}]
+    assert marked == ["sent"]
+    assert HELD.take() == []
 
 
 def test_batches_of_two_exchanges_are_routed_again_when_either_table_changed(

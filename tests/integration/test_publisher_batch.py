@@ -31,20 +31,6 @@ def publisher(services: Container) -> Iterator[Publisher]:
     publisher.close()
 
 
-@pytest.fixture
-def redis_url(services: Container) -> str:
-    """Redis, whatever the session's broker: the one-script publishing is the Redis transport's
-    (on RabbitMQ the broker routes)."""
-    return services.settings.redis_url
-
-
-@pytest.fixture
-def redis_publisher(redis_url: str) -> Iterator[Publisher]:
-    publisher = Publisher(redis_url)
-    yield publisher
-    publisher.close()
-
-
 def bound_queue(connection: Connection, routing_key: str) -> Queue:
     queue = Queue(
         f"tests.batch.{uuid.uuid4().hex[:8]}",

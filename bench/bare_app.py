@@ -9,7 +9,7 @@ from typing import Any
 
 from celery import Celery, Task, chain
 
-from bench import cpu_profile, floor, timing
+from bench import cpu_profile, floor, phase_clock, timing
 from config.celery import celery_config
 from config.settings import get_settings
 from tasks.steps import TASK_OPTIONS
@@ -46,3 +46,4 @@ def send_floor_chain(run_id: str) -> None:
 
 timing.connect()
 cpu_profile.install_if_asked("bare")
+phase_clock.install_if_asked("bare")

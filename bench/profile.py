@@ -18,6 +18,11 @@ the one to compare two trees with on a noisy machine; ``--json FILE`` keeps its 
 (``bench/cpu_profile.py``): milliseconds of CPU per step by what the step was doing, and the
 ``.prof`` files for ``pstats`` or snakeviz. ``--bare`` and ``--floor`` profile the bare chain or
 the floor (``bench/floor.py``) instead of the saga.
+
+``--phases`` gives the pool's CPU per step by phase (the step's body, its completion, Celery's
+send of the next step, ...) on each process's thread clock, with no profiler's overhead, for the
+bare chain and the saga in one run (``bench/phase_clock.py``). cProfile's figures are shares at
+best: it inflates call-heavy code several times over; these are the milliseconds.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from bench import cpu_by_process, cpu_profile
+from bench import cpu_by_process, cpu_profile, phase_clock
 from bench.environment import prepare
 from bench.timing import CHAIN_LENGTH
 
@@ -140,6 +145,37 @@ def _in_process(sagas: int, json_path: Path | None) -> int:
     return 0
 
 
+def _phases(harness: Any, sagas: int, phases_dir: Path, json_path: Path | None) -> int:
+    """Drive the bare chains, then the sagas, stop the workers warm (each pool process writes
+    its phases), and print both workers' CPU per step by phase side by side."""
+    harness.drive(harness.start_bare, sagas, inflight=8)
+    harness.drive(harness.start_saga, sagas, inflight=8)
+    harness.stop_processes()
+    found = {
+        kind: {
+            label: {"ms": ms, "calls": calls}
+            for label, ms, calls in phase_clock.summary(phases_dir, kind)
+        }
+        for kind in ("bare", "saga")
+    }
+    if json_path is not None:
+        json_path.write_text(json.dumps(found, indent=2) + "\n")
+    bare, saga = found["bare"], found["saga"]
+    print(f"pool CPU per step by phase (thread clock), {sagas} chains of each at 8 in flight:")
+    print("| phase | bare chain ms | saga ms | saga calls a step |")
+    print("|---|---:|---:|---:|")
+    for label in [phase_clock.TASK_PHASE, *(phase[0] for phase in phase_clock.PHASES)]:
+        if label not in bare and label not in saga:
+            continue
+        # Markdown drops leading spaces: an em space a level keeps the nesting visible.
+        shown = "\u2003" * ((len(label) - len(label.lstrip())) // 2) + label.strip()
+        bare_ms = f"{bare[label]['ms']:.3f}" if label in bare else "-"
+        saga_ms = f"{saga[label]['ms']:.3f}" if label in saga else "-"
+        calls = f"{saga[label]['calls']:.2f}" if label in saga else "-"
+        print(f"| {shown} | {bare_ms} | {saga_ms} | {calls} |")
+    return 0
+
+
 def _by_process(harness: Any, sagas: int, rounds: int) -> int:
     starters = {
         "bare": harness.start_bare,
@@ -164,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         "--cpu", action="store_true", help="CPU time per step with cProfile, not py-spy samples"
     )
     parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="pool CPU per step by phase (thread clock), the bare chain and the saga in one run",
+    )
+    parser.add_argument(
         "--by-process",
         action="store_true",
         help="CPU per step of each process, the bare chain, the floor and the saga in turn",
@@ -173,13 +214,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="CPU of a creation and of a step's body without Celery, in this process",
     )
-    parser.add_argument("--json", type=Path, help="with --in-process: write its figures here")
+    parser.add_argument(
+        "--json", type=Path, help="with --in-process or --phases: write the figures here"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="turns of each, with --by-process")
     parser.add_argument("--out", type=Path, default=Path("bench/results/profile"))
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not (args.cpu or args.by_process or args.in_process) and not Path(py_spy).exists():
+    if (
+        not (args.cpu or args.phases or args.by_process or args.in_process)
+        and not Path(py_spy).exists()
+    ):
         parser.error("py-spy is not installed (pip install py-spy), or use --cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     name = "bare" if args.bare else "floor" if args.floor else "saga"
@@ -192,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(cpu_dir, ignore_errors=True)
             cpu_dir.mkdir(parents=True)
             env.env[cpu_profile.CPU_PROFILE_ENV] = str(cpu_dir.resolve())
+        phases_dir = workdir / "phases"
+        if args.phases:
+            phases_dir.mkdir()
+            env.env[phase_clock.PHASES_ENV] = str(phases_dir)
         from bench import noop_providers
 
         noop_providers.install()
@@ -210,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         start = {"bare": harness.start_bare, "floor": harness.start_floor}.get(
             name, harness.start_saga
         )
+        if args.phases:
+            return _phases(harness, args.sagas, phases_dir, args.json)
         if args.by_process:
             return _by_process(harness, args.sagas, args.rounds)
         harness.drive(start, 2 * args.concurrency, inflight=2 * args.concurrency)  # warm up

@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
+from bench import phase_clock
 from sagas.steps import STEPS
 
 pytestmark = pytest.mark.integration
@@ -216,3 +217,21 @@ def test_rounds_write_every_ratio(tmp_path: Path) -> None:
     for key, value in results["medians"].items():
         assert math.isfinite(value), key
         assert value > 0, key
+
+
+def test_phases_time_each_workers_steps_on_its_thread_clock(tmp_path: Path) -> None:
+    """``python -m bench.profile --phases``: the pool's CPU per step by phase, bare and saga."""
+    out = tmp_path / "phases.json"
+    args = [sys.executable, "-m", "bench.profile", "--phases", "--sagas", "4"]
+    text = _run([*args, "--json", str(out)], "phases")
+    found = json.loads(out.read_text())
+    saga, bare = found["saga"], found["bare"]
+    task, body = saga[phase_clock.TASK_PHASE], saga["  the step's body"]
+    assert task["calls"] == 1.0, text[-2000:]
+    assert body["calls"] == 1.0, saga
+    # Phases nest on one thread clock: a step's body within its task, its completion within it.
+    assert 0 < saga["    completion transaction"]["ms"] <= body["ms"] <= task["ms"], saga
+    # Seven of a chain's eight steps send a next step; the bare chain's tasks have no body.
+    assert saga["  sending the next step (Celery)"]["calls"] == 7 / 8, saga
+    assert bare[phase_clock.TASK_PHASE]["ms"] > 0, bare
+    assert "  the step's body" not in bare, bare

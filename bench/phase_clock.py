@@ -5,7 +5,9 @@ looks far dearer than it is: it put Celery's ``saferepr`` of a message's argumen
 the pool's CPU, where timing it alone gave 28 µs a step (docs/benchmarks.md, round 10). Here a
 handful of methods are wrapped with two ``time.thread_time()`` reads each, and a task's whole
 run is read from ``task_prerun`` to ``task_postrun``: the figures are the process's own CPU, a
-microsecond or so of overhead each, and phases nest (a step's body holds its completion).
+microsecond or so of overhead each, and phases nest (a step's body holds its completion). Two
+rows stand beside them: the whole pool process (all its threads, between tasks too: billiard's
+hand-over, the outbox marks' thread) and Python's cyclic garbage collector, wherever it ran.
 
 ``install_if_asked()`` runs in a worker's app module: with ``BENCH_PHASES_DIR`` set, each pool
 process wraps the phases when it starts and writes ``<name>-<pid>.json`` there when it stops (a
@@ -15,6 +17,7 @@ warm shutdown). ``summary()`` reads them back as CPU per step.
 from __future__ import annotations
 
 import functools
+import gc
 import importlib
 import json
 import os
@@ -27,6 +30,10 @@ from celery.signals import task_postrun, task_prerun, worker_process_init, worke
 
 PHASES_ENV = "BENCH_PHASES_DIR"
 TASK_PHASE = "the task, prerun to postrun"
+# Beside the phases: the whole pool process (every thread, between tasks too), and the cyclic
+# garbage collector wherever it ran (in a phase or not).
+PROCESS_PHASE = "the pool process, all of it"
+GC_PHASE = "Python's garbage collector"
 
 # (label, module, class, method): nested phases are indented as they nest in a saga step.
 PHASES: tuple[tuple[str, str, str, str], ...] = (
@@ -43,10 +50,16 @@ PHASES: tuple[tuple[str, str, str, str], ...] = (
         "push_together",
     ),
     ("    its task-sent event (Celery)", "celery.events.dispatcher", "EventDispatcher", "publish"),
+    # Not in the task: the outbox marks' own thread (service/marks.py).
+    ("marking outbox rows published", "service.relay", "OutboxRelay", "_mark"),
 )
+
+LABELS = (PROCESS_PHASE, TASK_PHASE, *(label for label, *_ in PHASES), GC_PHASE)
 
 _spent: dict[str, list[float]] = {}
 _task_began: list[float] = []
+_gc_began: list[float] = []
+_process_began: list[float] = []
 _name = "worker"
 
 
@@ -68,7 +81,16 @@ def _timed(label: str, method: Callable[..., Any]) -> Callable[..., Any]:
     return timed
 
 
+def _time_gc(phase: str, _info: dict[str, Any]) -> None:
+    if phase == "start":
+        _gc_began.append(time.thread_time())
+    elif _gc_began:
+        _add(GC_PHASE, time.thread_time() - _gc_began.pop())
+
+
 def _wrap_phases(**_: Any) -> None:
+    _process_began.append(time.process_time())
+    gc.callbacks.append(_time_gc)
     for label, module_name, class_name, method_name in PHASES:
         try:
             owner = getattr(importlib.import_module(module_name), class_name)
@@ -88,6 +110,9 @@ def _task_ended(**_: Any) -> None:
 
 
 def _write(**_: Any) -> None:
+    if _process_began:
+        tasks = int(_spent.get(TASK_PHASE, [0.0, 0])[1])
+        _spent[PROCESS_PHASE] = [time.process_time() - _process_began[0], tasks]
     path = Path(os.environ[PHASES_ENV]) / f"{_name}-{os.getpid()}.json"
     path.write_text(json.dumps(_spent))
 
@@ -105,8 +130,8 @@ def install_if_asked(name: str) -> None:
 
 
 def summary(directory: Path, name: str) -> list[tuple[str, float, float]]:
-    """(label, CPU ms per step, calls per step) of worker ``name``'s processes, in ``PHASES``
-    order after the task's whole run; a step is a task run."""
+    """(label, CPU ms per step, calls per step) of worker ``name``'s processes, in ``LABELS``
+    order; a step is a task run."""
     totals: dict[str, list[float]] = {}
     for path in directory.glob(f"{name}-*.json"):
         for label, (seconds, calls) in json.loads(path.read_text()).items():
@@ -116,9 +141,8 @@ def summary(directory: Path, name: str) -> list[tuple[str, float, float]]:
     steps = totals.get(TASK_PHASE, [0.0, 0.0])[1]
     if not steps:
         return []
-    labels = [TASK_PHASE] + [label for label, *_ in PHASES]
     return [
         (label, totals[label][0] / steps * 1000, totals[label][1] / steps)
-        for label in labels
+        for label in LABELS
         if label in totals
     ]

@@ -164,7 +164,7 @@ def _phases(harness: Any, sagas: int, phases_dir: Path, json_path: Path | None) 
     print(f"pool CPU per step by phase (thread clock), {sagas} chains of each at 8 in flight:")
     print("| phase | bare chain ms | saga ms | saga calls a step |")
     print("|---|---:|---:|---:|")
-    for label in [phase_clock.TASK_PHASE, *(phase[0] for phase in phase_clock.PHASES)]:
+    for label in phase_clock.LABELS:
         if label not in bare and label not in saga:
             continue
         # Markdown drops leading spaces: an em space a level keeps the nesting visible.

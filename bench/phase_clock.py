@@ -29,6 +29,9 @@ from typing import Any
 from celery.signals import task_postrun, task_prerun, worker_process_init, worker_process_shutdown
 
 PHASES_ENV = "BENCH_PHASES_DIR"
+# "wall": time the phases on the wall clock instead (one chain at a time: what a step's latency
+# is made of, waits on Redis and SQLite included).
+PHASES_CLOCK_ENV = "BENCH_PHASES_CLOCK"
 TASK_PHASE = "the task, prerun to postrun"
 # Beside the phases: the whole pool process (every thread, between tasks too), and the cyclic
 # garbage collector wherever it ran (in a phase or not).
@@ -61,6 +64,7 @@ _task_began: list[float] = []
 _gc_began: list[float] = []
 _process_began: list[float] = []
 _name = "worker"
+_clock: Callable[[], float] = time.thread_time
 
 
 def _add(label: str, seconds: float) -> None:
@@ -72,20 +76,20 @@ def _add(label: str, seconds: float) -> None:
 def _timed(label: str, method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def timed(*args: Any, **kwargs: Any) -> Any:
-        began = time.thread_time()
+        began = _clock()
         try:
             return method(*args, **kwargs)
         finally:
-            _add(label, time.thread_time() - began)
+            _add(label, _clock() - began)
 
     return timed
 
 
 def _time_gc(phase: str, _info: dict[str, Any]) -> None:
     if phase == "start":
-        _gc_began.append(time.thread_time())
+        _gc_began.append(_clock())
     elif _gc_began:
-        _add(GC_PHASE, time.thread_time() - _gc_began.pop())
+        _add(GC_PHASE, _clock() - _gc_began.pop())
 
 
 def _wrap_phases(**_: Any) -> None:
@@ -101,16 +105,16 @@ def _wrap_phases(**_: Any) -> None:
 
 
 def _task_started(**_: Any) -> None:
-    _task_began.append(time.thread_time())
+    _task_began.append(_clock())
 
 
 def _task_ended(**_: Any) -> None:
     if _task_began:
-        _add(TASK_PHASE, time.thread_time() - _task_began.pop())
+        _add(TASK_PHASE, _clock() - _task_began.pop())
 
 
 def _write(**_: Any) -> None:
-    if _process_began:
+    if _process_began and _clock is time.thread_time:  # a process's CPU, not its wall time
         tasks = int(_spent.get(TASK_PHASE, [0.0, 0])[1])
         _spent[PROCESS_PHASE] = [time.process_time() - _process_began[0], tasks]
     path = Path(os.environ[PHASES_ENV]) / f"{_name}-{os.getpid()}.json"
@@ -119,10 +123,11 @@ def _write(**_: Any) -> None:
 
 def install_if_asked(name: str) -> None:
     """Time this worker's pool processes by phase if asked; ``name`` prefixes their files."""
-    global _name
+    global _name, _clock
     if not os.environ.get(PHASES_ENV):
         return
     _name = name
+    _clock = time.perf_counter if os.environ.get(PHASES_CLOCK_ENV) == "wall" else time.thread_time
     worker_process_init.connect(_wrap_phases, weak=False)
     task_prerun.connect(_task_started, weak=False)
     task_postrun.connect(_task_ended, weak=False)

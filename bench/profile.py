@@ -145,11 +145,15 @@ def _in_process(sagas: int, json_path: Path | None) -> int:
     return 0
 
 
-def _phases(harness: Any, sagas: int, phases_dir: Path, json_path: Path | None) -> int:
+def _phases(
+    harness: Any, sagas: int, phases_dir: Path, json_path: Path | None, *, wall: bool
+) -> int:
     """Drive the bare chains, then the sagas, stop the workers warm (each pool process writes
-    its phases), and print both workers' CPU per step by phase side by side."""
-    harness.drive(harness.start_bare, sagas, inflight=8)
-    harness.drive(harness.start_saga, sagas, inflight=8)
+    its phases), and print both workers' time per step by phase side by side: CPU at 8 in
+    flight, or with ``wall`` wall time at one in flight (the per-step latency's parts)."""
+    inflight = 1 if wall else 8
+    harness.drive(harness.start_bare, sagas, inflight=inflight)
+    harness.drive(harness.start_saga, sagas, inflight=inflight)
     harness.stop_processes()
     found = {
         kind: {
@@ -161,7 +165,8 @@ def _phases(harness: Any, sagas: int, phases_dir: Path, json_path: Path | None) 
     if json_path is not None:
         json_path.write_text(json.dumps(found, indent=2) + "\n")
     bare, saga = found["bare"], found["saga"]
-    print(f"pool CPU per step by phase (thread clock), {sagas} chains of each at 8 in flight:")
+    what = "wall time" if wall else "CPU (thread clock)"
+    print(f"pool {what} per step by phase, {sagas} chains of each at {inflight} in flight:")
     print("| phase | bare chain ms | saga ms | saga calls a step |")
     print("|---|---:|---:|---:|")
     for label in phase_clock.LABELS:
@@ -205,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         help="pool CPU per step by phase (thread clock), the bare chain and the saga in one run",
     )
     parser.add_argument(
+        "--wall",
+        action="store_true",
+        help="with --phases: wall time, one chain at a time (what a step's latency is made of)",
+    )
+    parser.add_argument(
         "--by-process",
         action="store_true",
         help="CPU per step of each process, the bare chain, the floor and the saga in turn",
@@ -242,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.phases:
             phases_dir.mkdir()
             env.env[phase_clock.PHASES_ENV] = str(phases_dir)
+            if args.wall:
+                env.env[phase_clock.PHASES_CLOCK_ENV] = "wall"
         from bench import noop_providers
 
         noop_providers.install()
@@ -261,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             name, harness.start_saga
         )
         if args.phases:
-            return _phases(harness, args.sagas, phases_dir, args.json)
+            return _phases(harness, args.sagas, phases_dir, args.json, wall=args.wall)
         if args.by_process:
             return _by_process(harness, args.sagas, args.rounds)
         harness.drive(start, 2 * args.concurrency, inflight=2 * args.concurrency)  # warm up

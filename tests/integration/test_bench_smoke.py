@@ -235,3 +235,15 @@ def test_phases_time_each_workers_steps_on_its_thread_clock(tmp_path: Path) -> N
     assert saga["  sending the next step (Celery)"]["calls"] == 7 / 8, saga
     assert bare[phase_clock.TASK_PHASE]["ms"] > 0, bare
     assert "  the step's body" not in bare, bare
+
+
+def test_phases_on_the_wall_clock_time_one_chain_at_a_time(tmp_path: Path) -> None:
+    """``--phases --wall``: the same phases on the wall clock; a process's CPU is not among them."""
+    out = tmp_path / "wall.json"
+    args = [sys.executable, "-m", "bench.profile", "--phases", "--wall", "--sagas", "2"]
+    text = _run([*args, "--json", str(out)], "wall-clock phases")
+    assert "1 in flight" in text, text[-2000:]
+    saga = json.loads(out.read_text())["saga"]
+    assert phase_clock.PROCESS_PHASE not in saga, saga
+    # A step's body waits on Redis and SQLite: on the wall clock it holds its round trip too.
+    assert 0 < saga["    lock + fault plan (Redis)"]["ms"] <= saga["  the step's body"]["ms"], saga

@@ -62,7 +62,7 @@ LABELS = (PROCESS_PHASE, TASK_PHASE, *(label for label, *_ in PHASES), GC_PHASE)
 _spent: dict[str, list[float]] = {}
 _task_began: list[float] = []
 _gc_began: list[float] = []
-_process_began: list[float] = []
+_process_began: float | None = None
 _name = "worker"
 _clock: Callable[[], float] = time.thread_time
 
@@ -93,7 +93,8 @@ def _time_gc(phase: str, _info: dict[str, Any]) -> None:
 
 
 def _wrap_phases(**_: Any) -> None:
-    _process_began.append(time.process_time())
+    global _process_began
+    _process_began = time.process_time()
     gc.callbacks.append(_time_gc)
     for label, module_name, class_name, method_name in PHASES:
         try:
@@ -114,9 +115,9 @@ def _task_ended(**_: Any) -> None:
 
 
 def _write(**_: Any) -> None:
-    if _process_began and _clock is time.thread_time:  # a process's CPU, not its wall time
+    if _process_began is not None and _clock is time.thread_time:  # CPU, not wall time
         tasks = int(_spent.get(TASK_PHASE, [0.0, 0])[1])
-        _spent[PROCESS_PHASE] = [time.process_time() - _process_began[0], tasks]
+        _spent[PROCESS_PHASE] = [time.process_time() - _process_began, tasks]
     path = Path(os.environ[PHASES_ENV]) / f"{_name}-{os.getpid()}.json"
     path.write_text(json.dumps(_spent))
 

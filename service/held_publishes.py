@@ -10,7 +10,7 @@ critical path. While a task holds (``start`` ... ``stop``, around a task on the 
   own script, first: the events are on ``tenant.events`` before the next step can be taken, as
   when they were sent apart, and neither goes without the other;
 - whatever is still held when the task ends (the last step, a step that failed for good) is sent
-  then (``flush``).
+  then (``stop``, then ``send``: tasks/steps.py).
 
 Only the order of sending moves, never what is sent: the rows were committed to the outbox
 first, and are marked published only once sent (``on_sent``); if the process dies while they
